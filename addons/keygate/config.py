@@ -1,0 +1,313 @@
+"""gateway.toml, parsed into frozen values.
+
+Parsing is pure: `parse_settings` takes the file's text and returns a `Settings` or raises
+`ConfigError` naming the file, the line where it can, and what is wrong. Nothing here keeps
+state; the `Config` addon decides when to read and swaps whole `Settings` objects.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = CHECKOUT / "config" / "gateway.toml"
+
+KINDS = ("ollama", "openai")
+MB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """A configuration file that does not parse or validate. The message is for operators."""
+
+
+def is_cloud_model(model: str) -> bool:
+    """Names Ollama hands on to ollama.com instead of running locally."""
+    return model.endswith(":cloud") or model.endswith("-cloud")
+
+
+def match_any(patterns: tuple[str, ...], name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One upstream. `base_url` is split once here so routing only copies fields."""
+
+    name: str
+    kind: str
+    base_url: str
+    scheme: str
+    host: str
+    port: int
+    prefix: str  # path prefix without trailing slash ("" or "/v1" ...)
+    models: tuple[str, ...] = ("*",)
+    model_map: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    priority: int = 0
+    weight: float = 1.0
+    api_key_env: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    stream_usage: bool = True
+
+    def serves(self, model: str) -> bool:
+        """Whether a request for `model` may be sent here (SPEC 2, cloud names included)."""
+        if model in self.model_map:
+            return True
+        if is_cloud_model(model):
+            return any(
+                "cloud" in p and fnmatch.fnmatchcase(model, p) for p in self.models
+            )
+        return match_any(self.models, model)
+
+    def upstream_model(self, model: str) -> str:
+        return self.model_map.get(model, model)
+
+    def upstream_path(self, path: str) -> str:
+        """Path on this upstream for a client path such as /v1/chat/completions.
+
+        An openai channel's base_url is what one gives the openai client, so it already
+        ends in the API version: /v1/chat/completions goes to base_url + /chat/completions.
+        """
+        if self.kind == "openai" and path.startswith("/v1/"):
+            return self.prefix + path[3:]
+        return self.prefix + path
+
+
+@dataclass(frozen=True)
+class Settings:
+    path: Path | None
+    keys_file: Path
+    usage_log: Path
+    usage_log_max_bytes: int = 100 * MB
+    usage_log_keep: int = 10
+    max_body_bytes: int = 32 * MB
+    upstream_timeout: float = 300.0
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    cors_origins: frozenset[str] = frozenset()
+    channels: tuple[Channel, ...] = ()
+
+
+def default_settings(path: Path = DEFAULT_CONFIG) -> Settings:
+    base = path.parent
+    return Settings(
+        path=None,
+        keys_file=base / "keys.yaml",
+        usage_log=(base / "../logs/usage.jsonl").resolve(),
+    )
+
+
+def load_settings(path: str | os.PathLike | None = None) -> Settings:
+    """Read gateway.toml; a missing file means all defaults (SPEC 2)."""
+    p = Path(path).expanduser() if path else DEFAULT_CONFIG
+    p = p.resolve()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return default_settings(p)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read: {e}") from e
+    return parse_settings(text, p)
+
+
+def parse_settings(text: str, path: Path, environ: Mapping[str, str] = os.environ) -> Settings:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from e
+    where = _Locator(text, path)
+
+    unknown = set(doc) - {"gateway", "channels"}
+    if unknown:
+        raise where.error(f"unknown table {sorted(unknown)[0]!r}", sorted(unknown)[0])
+    gw = doc.get("gateway", {})
+    if not isinstance(gw, dict):
+        raise where.error("[gateway] must be a table", "gateway")
+    known = {
+        "keys_file", "usage_log", "usage_log_max_mb", "usage_log_keep", "max_body_mb",
+        "upstream_timeout_s", "trusted_proxies", "cors_origins",
+    }
+    for k in gw:
+        if k not in known:
+            raise where.error(f"unknown setting [gateway] {k!r}", k)
+
+    base = path.parent
+
+    def file_setting(name: str, default: str) -> Path:
+        v = gw.get(name, default)
+        if not isinstance(v, str) or not v:
+            raise where.error(f"{name} must be a non-empty string", name)
+        return (base / Path(v).expanduser()).resolve()
+
+    def number(name: str, default: float, minimum: float, integer: bool = False) -> float:
+        v = gw.get(name, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < minimum:
+            raise where.error(f"{name} must be a number >= {minimum}, not {v!r}", name)
+        if integer and not isinstance(v, int):
+            raise where.error(f"{name} must be a whole number, not {v!r}", name)
+        return v
+
+    def str_list(name: str) -> list[str]:
+        v = gw.get(name, [])
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise where.error(f"{name} must be a list of strings", name)
+        return v
+
+    proxies = []
+    for cidr in str_list("trusted_proxies"):
+        try:
+            proxies.append(ipaddress.ip_network(cidr, strict=False))
+        except ValueError as e:
+            raise where.error(f"trusted_proxies: {e}", "trusted_proxies") from e
+
+    origins = []
+    for origin in str_list("cors_origins"):
+        if origin == "*" or not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise where.error(
+                f"cors_origins: {origin!r} is not an origin like https://app.example.com "
+                "(no wildcard, no path)",
+                "cors_origins",
+            )
+        origins.append(origin.lower())
+
+    max_mb = number("usage_log_max_mb", 100, 0.001)
+    channels = _parse_channels(doc.get("channels", []), where, environ)
+
+    return Settings(
+        path=path,
+        keys_file=file_setting("keys_file", "keys.yaml"),
+        usage_log=file_setting("usage_log", "../logs/usage.jsonl"),
+        usage_log_max_bytes=max(1, int(max_mb * MB)),
+        usage_log_keep=int(number("usage_log_keep", 10, 0, integer=True)),
+        max_body_bytes=int(number("max_body_mb", 32, 0.001) * MB),
+        upstream_timeout=float(number("upstream_timeout_s", 300, 0.001)),
+        trusted_proxies=tuple(proxies),
+        cors_origins=frozenset(origins),
+        channels=channels,
+    )
+
+
+def _parse_channels(raw: Any, where: "_Locator", environ: Mapping[str, str]) -> tuple[Channel, ...]:
+    if not isinstance(raw, list):
+        raise where.error("channels must be an array of tables: [[channels]]", "channels")
+    seen: set[str] = set()
+    out = []
+    for i, ch in enumerate(raw):
+        at = where.channel(i)
+        if not isinstance(ch, dict):
+            raise at(f"channel #{i + 1} must be a table")
+        name = ch.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise at(f"channel #{i + 1}: name must be letters, digits, '.', '_' or '-', not {name!r}")
+        label = f"channel {name!r}"
+        if name in seen:
+            raise at(f"{label}: duplicate channel name")
+        seen.add(name)
+        allowed = {
+            "name", "kind", "base_url", "models", "model_map", "priority", "weight",
+            "api_key_env", "stream_usage",
+        }
+        for k in ch:
+            if k not in allowed:
+                raise at(f"{label}: unknown setting {k!r}")
+        kind = ch.get("kind", "ollama")
+        if kind not in KINDS:
+            raise at(f"{label}: kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        base_url = ch.get("base_url")
+        if not isinstance(base_url, str):
+            raise at(f"{label}: base_url is required")
+        try:
+            parts = urlsplit(base_url)
+            port = parts.port
+        except ValueError as e:
+            raise at(f"{label}: base_url {base_url!r}: {e}") from e
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise at(f"{label}: base_url must be an http:// or https:// URL, not {base_url!r}")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise at(f"{label}: base_url must not carry a query, fragment or credentials")
+        models = ch.get("models", ["*"])
+        if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+            raise at(f"{label}: models must be a list of glob patterns")
+        mm = ch.get("model_map", {})
+        if not isinstance(mm, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and k and v for k, v in mm.items()
+        ):
+            raise at(f"{label}: model_map must map model names to model names")
+        priority = ch.get("priority", 0)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise at(f"{label}: priority must be a whole number")
+        weight = ch.get("weight", 1)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+            raise at(f"{label}: weight must be a number > 0")
+        stream_usage = ch.get("stream_usage", True)
+        if not isinstance(stream_usage, bool):
+            raise at(f"{label}: stream_usage must be true or false")
+        env = ch.get("api_key_env")
+        api_key = None
+        if env is not None:
+            if not isinstance(env, str) or not env:
+                raise at(f"{label}: api_key_env must name an environment variable")
+            api_key = environ.get(env)
+            if not api_key:
+                raise at(f"{label}: environment variable {env} (api_key_env) is not set")
+        out.append(
+            Channel(
+                name=name,
+                kind=kind,
+                base_url=base_url,
+                scheme=parts.scheme,
+                host=parts.hostname,
+                port=port or (443 if parts.scheme == "https" else 80),
+                prefix=parts.path.rstrip("/"),
+                models=tuple(models),
+                model_map=MappingProxyType(dict(mm)),
+                priority=priority,
+                weight=float(weight),
+                api_key_env=env,
+                api_key=api_key,
+                stream_usage=stream_usage,
+            )
+        )
+    return tuple(out)
+
+
+class _Locator:
+    """Finds the line a TOML setting sits on, for error messages (tomllib keeps no positions)."""
+
+    def __init__(self, text: str, path: Path):
+        self.lines = text.splitlines()
+        self.path = path
+
+    def _line_of(self, pattern: str, start: int = 0) -> int | None:
+        rx = re.compile(pattern)
+        for n in range(start, len(self.lines)):
+            if rx.search(self.lines[n]):
+                return n
+        return None
+
+    def error(self, msg: str, key: str | None = None) -> ConfigError:
+        n = None
+        if key:
+            n = self._line_of(rf"^\s*(\[+\s*)?{re.escape(key)}\b")
+        return ConfigError(f"{self.path}:{n + 1}: {msg}" if n is not None else f"{self.path}: {msg}")
+
+    def channel(self, index: int):
+        seen, n = -1, None
+        for i, line in enumerate(self.lines):
+            if re.match(r"^\s*\[\[\s*channels\s*\]\]", line):
+                seen += 1
+                if seen == index:
+                    n = i
+                    break
+
+        def make(msg: str) -> ConfigError:
+            return ConfigError(f"{self.path}:{n + 1}: {msg}" if n is not None else f"{self.path}: {msg}")
+
+        return make

@@ -1,0 +1,86 @@
+"""The endpoint table of SPEC 4: the only requests keygate forwards.
+
+Paths are compared exactly as sent (no percent-decoding, no slash folding, case kept), so
+`//api/pull`, `/api/../api/pull`, `/API/pull` and `%2Fapi%2Fpull` are simply not in the
+table. Each entry says which scope opens it and how keygate treats its body.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    path: str  # the table's name for it, e.g. "/api/chat" or "/v1/models/{model}"
+    scope: str | None  # None: answered by keygate without a key
+    api: str  # "ollama", "openai", "responses", "anthropic": error shape, stream and usage format
+    kind: str  # "root", "inference", "show", "list", "model", "read", "admin", "upload"
+    streams_by_default: bool = False
+
+    @property
+    def native(self) -> bool:
+        """Served only by ollama channels (SPEC 4)."""
+        return self.api in ("ollama", "anthropic")
+
+
+ROOT = Endpoint("/", None, "ollama", "root")
+
+
+def _table() -> dict[tuple[str, str], Endpoint]:
+    t: dict[tuple[str, str], Endpoint] = {("GET", "/"): ROOT, ("HEAD", "/"): ROOT}
+
+    def add(methods: str, path: str, scope: str, api: str, kind: str, streams: bool = False):
+        for m in methods.split():
+            t[(m, path)] = Endpoint(path, scope, api, kind, streams)
+
+    for p in ("/api/chat", "/api/generate"):
+        add("POST", p, "inference", "ollama", "inference", streams=True)
+    for p in ("/api/embed", "/api/embeddings"):
+        add("POST", p, "inference", "ollama", "inference")
+    for p in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+        add("POST", p, "inference", "openai", "inference")
+    add("POST", "/v1/responses", "inference", "responses", "inference")
+    add("POST", "/v1/messages", "inference", "anthropic", "inference")
+
+    add("GET HEAD", "/api/tags", "models", "ollama", "list")
+    add("GET", "/api/ps", "models", "ollama", "read")
+    add("GET HEAD", "/api/version", "models", "ollama", "read")
+    add("POST", "/api/show", "models", "ollama", "show")
+    add("GET", "/v1/models", "models", "openai", "list")
+
+    for p in ("/api/pull", "/api/push", "/api/create"):
+        add("POST", p, "admin", "ollama", "admin", streams=True)
+    add("POST", "/api/copy", "admin", "ollama", "admin")
+    add("DELETE", "/api/delete", "admin", "ollama", "admin")
+    return t
+
+
+TABLE = _table()
+MODEL = Endpoint("/v1/models/{model}", "models", "openai", "model")
+BLOB_HEAD = Endpoint("/api/blobs/{digest}", "admin", "ollama", "admin")
+BLOB_UPLOAD = Endpoint("/api/blobs/{digest}", "admin", "ollama", "upload")
+_DIGEST = re.compile(r"sha256[:-][0-9a-f]{64}")
+_MODEL_SEGMENT = re.compile(r"[^/?#]+")
+
+
+def classify(method: str, path: str) -> Endpoint | None:
+    """The endpoint for `method` and `path` (query removed), or None: not forwarded."""
+    ep = TABLE.get((method, path))
+    if ep is not None:
+        return ep
+    if path.startswith("/v1/models/") and method == "GET":
+        return MODEL if _MODEL_SEGMENT.fullmatch(path[11:]) else None
+    if path.startswith("/api/blobs/") and _DIGEST.fullmatch(path[11:]):
+        if method == "HEAD":
+            return BLOB_HEAD
+        if method == "POST":
+            return BLOB_UPLOAD
+    return None
+
+
+def path_model(path: str) -> str:
+    """The model named by GET /v1/models/{model}."""
+    return unquote(path[11:])

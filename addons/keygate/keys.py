@@ -1,0 +1,283 @@
+"""keys.yaml, parsed into a `KeyRing`: an immutable digest -> `Key` lookup.
+
+Keys are looked up by the sha256 digest of the presented string, so no code path compares
+secrets one by one, and a `Key` holds only the digest: its repr, the log and
+`flow.metadata` see the key's name and nothing else.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ConfigError, match_any
+
+SCOPES = ("inference", "models", "admin")
+DEFAULT_SCOPES = frozenset({"inference", "models"})
+LIMIT_NAMES = ("rpm", "tpm", "concurrent", "requests_per_day", "tokens_per_day", "tokens_total")
+KEY_FIELDS = {"key", "key_sha256", "enabled", "expires_at", "models", "scopes", "allow_ips", "limits"}
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()
+
+
+@dataclass(frozen=True)
+class Limits:
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrent: int | None = None
+    requests_per_day: int | None = None
+    tokens_per_day: int | None = None
+    tokens_total: int | None = None
+
+    def any(self) -> bool:
+        return any(getattr(self, n) is not None for n in LIMIT_NAMES)
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    digest: bytes = field(repr=False)
+    enabled: bool = True
+    expires_at: dt.datetime | None = None
+    models: tuple[str, ...] | None = None  # None: every model
+    scopes: frozenset[str] = DEFAULT_SCOPES
+    allow_ips: tuple[IPNetwork, ...] | None = None  # None: any address
+    limits: Limits = Limits()
+
+    def may_use(self, model: str) -> bool:
+        return self.models is None or match_any(self.models, model)
+
+    def allows_ip(self, ip: str) -> bool:
+        if self.allow_ips is None:
+            return True
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if addr.version == 6 and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.allow_ips)
+
+    def expired(self, now: dt.datetime) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    by_digest: dict[bytes, Key]
+    by_name: dict[str, Key]
+
+    def lookup(self, secret: str) -> Key | None:
+        return self.by_digest.get(digest(secret))
+
+    def __len__(self) -> int:
+        return len(self.by_name)
+
+
+EMPTY = KeyRing({}, {})
+
+
+def load_keys(path: Path) -> KeyRing:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text: {e}") from e
+    return parse_keys(text, path)
+
+
+def parse_keys(text: str, path: Path | str) -> KeyRing:
+    try:
+        doc = yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: {e.problem or e}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+    def err(msg: str, m: Any = None, k: Any = None) -> ConfigError:
+        line = getattr(m, "lines", {}).get(k) if m is not None else None
+        return ConfigError(f"{path}:{line}: {msg}" if line else f"{path}: {msg}")
+
+    if doc is None:
+        return EMPTY
+    # Besides `keys:`, only `x-...` entries are allowed: a place for YAML anchors that
+    # entries merge in (`<<: *defaults`), as docker-compose files do.
+    if not isinstance(doc, dict) or any(
+            k != "keys" and not (isinstance(k, str) and k.startswith("x-")) for k in doc):
+        raise err("the file must be a mapping with the entry 'keys:' "
+                  "(and optionally x-... entries for YAML anchors)")
+    entries = doc.get("keys") or {}
+    if not isinstance(entries, dict):
+        raise err("'keys' must map key names to their settings", doc, "keys")
+
+    by_digest: dict[bytes, Key] = {}
+    by_name: dict[str, Key] = {}
+    for name, spec in entries.items():
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+            raise err(f"key name {name!r}: use letters, digits, '.', '_', '@' or '-'", entries, name)
+
+        def key_err(msg: str, setting: Any = None, mapping: Any = None) -> ConfigError:
+            if setting is None:
+                return err(f"key {name!r}: {msg}", entries, name)
+            return err(f"key {name!r}: {msg}", spec if mapping is None else mapping, setting)
+
+        key = _parse_key(name, spec, key_err)
+        other = by_digest.get(key.digest)
+        if other is not None:
+            raise err(f"key {name!r} has the same secret as key {other.name!r}", entries, name)
+        by_digest[key.digest] = key
+        by_name[name] = key
+    return KeyRing(by_digest, by_name)
+
+
+def _parse_key(name: str, spec: Any, err) -> Key:
+    if not isinstance(spec, dict):
+        raise err("settings must be a mapping")
+    for k in spec:
+        if k not in KEY_FIELDS:
+            raise err(f"unknown setting {k!r}", k)
+
+    if ("key" in spec) == ("key_sha256" in spec):
+        raise err("give exactly one of key_sha256 or key")
+    if "key" in spec:
+        secret = spec["key"]
+        if not isinstance(secret, str) or len(secret) < 8:
+            raise err("key must be a string of at least 8 characters", "key")
+        d = digest(secret)
+    else:
+        hexd = spec["key_sha256"]
+        if not isinstance(hexd, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", hexd):
+            raise err("key_sha256 must be 64 hex digits", "key_sha256")
+        d = bytes.fromhex(hexd)
+
+    enabled = spec.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise err("enabled must be true or false", "enabled")
+
+    expires_at = None
+    if spec.get("expires_at") is not None:
+        try:
+            expires_at = parse_when(spec["expires_at"])
+        except ValueError as e:
+            raise err(f"expires_at: {e}", "expires_at") from None
+
+    models = None
+    if "models" in spec:
+        models = spec["models"]
+        if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+            raise err("models must be a list of model name patterns", "models")
+        models = tuple(models)
+
+    scopes = DEFAULT_SCOPES
+    if "scopes" in spec:
+        raw = spec["scopes"]
+        if not isinstance(raw, list) or not all(s in SCOPES for s in raw):
+            raise err(f"scopes must be a list drawn from {', '.join(SCOPES)}", "scopes")
+        scopes = frozenset(raw)
+
+    allow_ips = None
+    if "allow_ips" in spec:
+        raw = spec["allow_ips"]
+        if not isinstance(raw, list):
+            raise err("allow_ips must be a list of addresses or CIDRs", "allow_ips")
+        nets = []
+        for cidr in raw:
+            try:
+                nets.append(ipaddress.ip_network(str(cidr), strict=False))
+            except ValueError as e:
+                raise err(f"allow_ips: {e}", "allow_ips") from None
+        allow_ips = tuple(nets)
+
+    limits = Limits()
+    if spec.get("limits") is not None:
+        raw = spec["limits"]
+        if not isinstance(raw, dict):
+            raise err("limits must be a mapping", "limits")
+        values = {}
+        for k, v in raw.items():
+            if k not in LIMIT_NAMES:
+                raise err(f"unknown limit {k!r} (known: {', '.join(LIMIT_NAMES)})", k, raw)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise err(f"limit {k} must be a whole number >= 0, not {v!r}", k, raw)
+            values[k] = v
+        limits = Limits(**values)
+
+    return Key(name, d, enabled, expires_at, models, scopes, allow_ips, limits)
+
+
+def parse_when(value: Any) -> dt.datetime:
+    """A date (00:00 UTC that day) or ISO datetime (UTC when no zone) -> aware datetime."""
+    if isinstance(value, dt.datetime):
+        pass
+    elif isinstance(value, dt.date):
+        value = dt.datetime(value.year, value.month, value.day)
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.endswith("Z"):
+            text = text[:-1] + "+00:00"
+        try:
+            value = dt.datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an ISO 8601 date or datetime") from None
+    else:
+        raise ValueError(f"{value!r} is not a date")
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value.astimezone(dt.timezone.utc)
+
+
+class _Mapping(dict):
+    """A dict that remembers the line of each of its keys, for error messages."""
+
+    lines: dict
+
+
+_BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Loader(_BaseLoader):  # type: ignore[misc, valid-type]
+    """Safe loader that refuses duplicate keys (PyYAML keeps the last one silently)."""
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _Mapping:
+    explicit = sum(1 for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge")
+    loader.flatten_mapping(node)
+    # flatten_mapping puts what `<<: *anchor` brings in first; the entry's own keys may
+    # override those, but not each other.
+    merged = len(node.value) - explicit
+    out = _Mapping()
+    out.lines = {}
+    for i, (knode, vnode) in enumerate(node.value):
+        k = loader.construct_object(knode, deep=True)
+        try:
+            hash(k)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, "unhashable key", knode.start_mark) from None
+        if k in out and i >= merged and out.lines.get(k, 0) >= 0:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate entry {k!r}", knode.start_mark)
+        out[k] = loader.construct_object(vnode, deep=True)
+        # Negative: came in through a merge, so the entry itself may still set it.
+        out.lines[k] = knode.start_mark.line + 1 if i >= merged else -1
+    return out
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
