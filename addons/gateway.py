@@ -1,0 +1,40 @@
+"""keygate: API keys, per-key policy, model routing and usage accounting for Ollama and
+OpenAI-compatible servers, as mitmproxy addons.
+
+    mitmdump --mode reverse:http://127.0.0.1:11434 --listen-port 3000 -s addons/gateway.py \
+        --set keygate_config=config/gateway.toml
+
+(`scripts/serve` runs exactly that, with the settings keygate wants.) This file only lists
+the addons in hook order; each lives in its own module of the keygate package beside it.
+Those modules load once per process: after editing them, restart mitmdump.
+"""
+
+from keygate import failclosed
+from keygate.authentication import Auth
+from keygate.catalog import Catalog
+from keygate.configuration import Config
+from keygate.cors import Cors
+from keygate.limits import Limits
+from keygate.metering import Meter
+from keygate.policy import Policy
+from keygate.routing import Router
+from keygate.usage import Usage
+
+config = Config()
+router = Router(config)
+usage = Usage(config)
+
+addons = [
+    config,  # gateway.toml and keys.yaml, reloaded when they change
+    Cors(config),  # preflight answers and CORS headers for cors_origins
+    Auth(config),  # client address and API key -> key name
+    Policy(config),  # endpoint table, scopes, body checks, model permissions
+    Catalog(config, router),  # model lists merged over channels, answered by keygate
+    router,  # channel choice, upstream rewrite, upstream credential
+    Meter(config),  # token counts and model names in responses, streamed or not
+    Limits(config, usage),  # rpm, tpm, concurrency, daily and total quotas
+    usage,  # request ids and the usage log
+]
+
+# Outside the list on purpose: it must survive a broken reload of this file.
+failclosed.install()

@@ -1,0 +1,126 @@
+"""The `Auth` addon: who is asking (client address, key), decided from headers alone.
+
+Three outcomes, kept apart: no usable credential (401), a credential that is not a valid
+key (401), and a key, published as its *name* in flow.metadata["keygate.key"] for the
+addons after this one. The secret itself is dropped from the request here, so nothing
+later can forward or log it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+
+from mitmproxy import http
+
+from . import endpoints
+from .configuration import Config
+from .errors import refuse
+
+
+def client_address(peer: str, forwarded_for: list[str], trusted: tuple) -> str:
+    """SPEC 3: the TCP peer, unless it is a trusted proxy; then the right-most
+    X-Forwarded-For address that is not itself a trusted proxy."""
+    addr = _normalize(peer)
+    if not trusted or not _in(addr, trusted):
+        return addr
+    hops = [h.strip() for value in forwarded_for for h in value.split(",")]
+    for hop in reversed(hops):
+        hop_addr = _normalize(hop)
+        try:
+            ipaddress.ip_address(hop_addr)
+        except ValueError:
+            break  # garbage in the chain: trust nothing further left
+        if not _in(hop_addr, trusted):
+            return hop_addr
+        addr = hop_addr
+    return addr
+
+
+def _normalize(ip: str) -> str:
+    try:
+        a = ipaddress.ip_address(ip.strip().strip("[]"))
+    except ValueError:
+        return ip.strip()
+    if a.version == 6 and a.ipv4_mapped:
+        a = a.ipv4_mapped
+    return str(a)
+
+
+def _in(ip: str, nets: tuple) -> bool:
+    try:
+        a = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(a in n for n in nets)
+
+
+def presented_key(headers: http.Headers) -> str | None:
+    """The key from `Authorization: Bearer <key>` or `x-api-key`, or None.
+
+    More than one credential header, or two that disagree, is no credential at all:
+    a request must not be able to be one key to keygate and another to something else.
+    """
+    auth = headers.get_all("authorization")
+    xkey = headers.get_all("x-api-key")
+    if len(auth) > 1 or len(xkey) > 1:
+        return None
+    key = None
+    if auth:
+        scheme, _, value = auth[0].strip().partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            return None
+        key = value.strip()
+    if xkey:
+        x = xkey[0].strip()
+        if not x or (key is not None and x != key):
+            return None
+        key = x
+    return key
+
+
+class Auth:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        # As received, before routing rewrites it; the query stays out of the log.
+        flow.metadata["keygate.path"] = flow.request.path.split("?", 1)[0]
+        state = self.config.state
+        settings = state.settings
+        ip = client_address(
+            flow.client_conn.peername[0],
+            flow.request.headers.get_all("x-forwarded-for"),
+            settings.trusted_proxies,
+        )
+        flow.metadata["keygate.client_ip"] = ip
+
+        secret = presented_key(flow.request.headers)
+        had_header = any(h in flow.request.headers for h in ("authorization", "x-api-key"))
+        # The client's credential never goes further than this hook.
+        for h in ("authorization", "x-api-key"):
+            flow.request.headers.pop(h, None)
+
+        ep = endpoints.classify(flow.request.method, flow.request.path.split("?", 1)[0])
+        if ep is not None and ep.scope is None:
+            return  # answered by keygate without a key (GET /)
+
+        if secret is None:
+            refuse(flow, "invalid_api_key", "Malformed API key header." if had_header else
+                   "No API key given: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'.")
+            return
+        key = state.keys.lookup(secret)
+        del secret
+        if key is None:
+            refuse(flow, "invalid_api_key", "Invalid API key.")
+        elif not key.enabled:
+            refuse(flow, "invalid_api_key", "This API key has been revoked.")
+        elif key.expired(dt.datetime.now(dt.timezone.utc)):
+            refuse(flow, "invalid_api_key", "This API key has expired.")
+        else:
+            # From here on the key is valid; its name (never the secret) is the identity.
+            flow.metadata["keygate.key"] = key.name
+            if not key.allows_ip(ip):
+                refuse(flow, "permission_denied", f"This API key may not be used from {ip}.")

@@ -1,0 +1,190 @@
+"""The `Catalog` addon: model lists answered by keygate itself when channels are configured.
+
+With several upstreams no single one can answer `GET /api/tags` or `GET /v1/models` for
+the gateway, so keygate asks each channel for its own list (cached briefly), keeps the
+models the channel serves, adds the `model_map` aliases, drops what the key may not use,
+and answers in the endpoint's own wire format. Without channels the request goes to the
+reverse target and the meter filters its answer instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import time
+import urllib.request
+from dataclasses import dataclass
+
+from mitmproxy import http
+
+from . import endpoints
+from .config import Channel
+from .configuration import Config
+from .errors import refuse
+from .routing import Router
+
+log = logging.getLogger("keygate")
+
+TTL = 10.0  # seconds a channel's list is reused
+FETCH_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    created: int  # unix seconds
+    owned_by: str
+    tag: dict | None  # the /api/tags entry, for models of ollama channels
+
+
+def fetch_json(url: str, headers: dict[str, str], timeout: float = FETCH_TIMEOUT) -> object:
+    """Blocking GET of a JSON document; run it in a thread."""
+    req = urllib.request.Request(url, headers={"accept": "application/json", **headers})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (operator's URL)
+        return json.loads(resp.read())
+
+
+def _unix(ts: object) -> int:
+    if not isinstance(ts, str):
+        return 0
+    try:
+        # Go writes nanoseconds; fromisoformat takes at most microseconds.
+        head, dot, frac = ts.partition(".")
+        if dot:
+            digits = "".join(c for c in frac if c.isdigit())
+            zone = frac[len(digits):]
+            ts = f"{head}.{digits[:6]}{zone}"
+        return int(dt.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return 0
+
+
+def _owned_by(name: str) -> str:
+    """Ollama's rule: the namespace of the name, "library" for plain names."""
+    parts = name.split(":", 1)[0].split("/")
+    return parts[-2] if len(parts) >= 2 else "library"
+
+
+def parse_list(channel: Channel, doc: object) -> list[ModelInfo]:
+    out = []
+    if channel.kind == "ollama":
+        models = doc.get("models") if isinstance(doc, dict) else None
+        for m in models or []:
+            name = isinstance(m, dict) and (m.get("model") or m.get("name"))
+            if isinstance(name, str) and name:
+                out.append(ModelInfo(name, _unix(m.get("modified_at")), _owned_by(name), m))
+    else:
+        data = doc.get("data") if isinstance(doc, dict) else None
+        for m in data or []:
+            name = isinstance(m, dict) and m.get("id")
+            if isinstance(name, str) and name:
+                created = m.get("created") if isinstance(m.get("created"), int) else 0
+                owned = m.get("owned_by") if isinstance(m.get("owned_by"), str) else channel.name
+                out.append(ModelInfo(name, created, owned, None))
+    return out
+
+
+def served(channel: Channel, listed: list[ModelInfo]) -> list[ModelInfo]:
+    """What the channel lists and serves, then its aliases (named after their targets)."""
+    out = [m for m in listed if channel.serves(m.name)]
+    by_name = {m.name: m for m in listed}
+    for alias, target in channel.model_map.items():
+        base = by_name.get(target) or by_name.get(target + ":latest")
+        if base is None:
+            out.append(ModelInfo(alias, 0, channel.name, None))
+            continue
+        tag = dict(base.tag, name=alias, model=alias) if base.tag is not None else None
+        out.append(ModelInfo(alias, base.created, base.owned_by, tag))
+    return out
+
+
+class Catalog:
+    def __init__(self, config: Config, router: Router, fetch=fetch_json, clock=time.monotonic):
+        self.config = config
+        self.router = router
+        self.fetch = fetch
+        self.clock = clock
+        self._cache: dict[tuple[str, str], tuple[float, list[ModelInfo]]] = {}
+        self._pending: dict[tuple[str, str], asyncio.Future] = {}
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        channels = self.config.state.settings.channels
+        if not channels:
+            return
+        path = flow.request.path.split("?", 1)[0]
+        ep = endpoints.classify(flow.request.method, path)
+        if ep is None or ep.kind not in ("list", "model"):
+            return
+        key = self.config.state.keys.by_name.get(flow.metadata.get("keygate.key"))
+        if key is None:
+            return
+        native = ep.path == "/api/tags"
+        merged: dict[str, ModelInfo] = {}
+        for ch in sorted(channels, key=lambda c: -c.priority):
+            if native and ch.kind != "ollama":
+                continue
+            for m in served(ch, await self.listing(ch)):
+                if m.name not in merged and key.may_use(m.name):
+                    merged[m.name] = m
+        models = list(merged.values())
+
+        if ep.kind == "model":
+            wanted = endpoints.path_model(path)
+            m = merged.get(wanted)
+            if m is None:
+                refuse(flow, "model_not_found", f"The model '{wanted}' does not exist.")
+                return
+            body = {"id": wanted, "object": "model", "created": m.created, "owned_by": m.owned_by}
+        elif native:
+            body = {"models": [m.tag if m.tag is not None else _bare_tag(m) for m in models]}
+        else:
+            body = {"object": "list", "data": [
+                {"id": m.name, "object": "model", "created": m.created, "owned_by": m.owned_by}
+                for m in models]}
+        content = json.dumps(body, separators=(",", ":")).encode()
+        ctype = "application/json; charset=utf-8"
+        if flow.request.method == "HEAD":
+            flow.response = http.Response.make(200, b"", {
+                "content-type": ctype, "content-length": str(len(content))})
+        else:
+            flow.response = http.Response.make(200, content, {"content-type": ctype})
+
+    async def listing(self, ch: Channel) -> list[ModelInfo]:
+        """The channel's own list, from cache when fresh; [] when it cannot be had."""
+        ident = (ch.name, ch.base_url)
+        hit = self._cache.get(ident)
+        if hit and self.clock() - hit[0] < TTL:
+            return hit[1]
+        pending = self._pending.get(ident)
+        if pending is None:
+            pending = asyncio.ensure_future(self._load(ch))
+            self._pending[ident] = pending
+            pending.add_done_callback(lambda _: self._pending.pop(ident, None))
+        return await asyncio.shield(pending)
+
+    async def _load(self, ch: Channel) -> list[ModelInfo]:
+        url = ch.base_url.rstrip("/") + ("/api/tags" if ch.kind == "ollama" else "/models")
+        headers = {"authorization": f"Bearer {ch.api_key}"} if ch.api_key else {}
+        try:
+            doc = await asyncio.to_thread(self.fetch, url, headers)
+        except Exception as e:  # any failure: the channel just lists nothing this time
+            log.warning("keygate: channel %s: cannot list models (%s)", ch.name,
+                        getattr(e, "reason", None) or e)
+            self.router.health.failure(ch.name)
+            stale = self._cache.get((ch.name, ch.base_url))
+            return stale[1] if stale else []
+        models = parse_list(ch, doc)
+        self._cache[(ch.name, ch.base_url)] = (self.clock(), models)
+        return models
+
+
+def _bare_tag(m: ModelInfo) -> dict:
+    """An /api/tags entry for an alias whose target the upstream does not list."""
+    return {"name": m.name, "model": m.name, "modified_at": "1970-01-01T00:00:00Z", "size": 0,
+            "digest": "", "details": {"parent_model": "", "format": "", "family": "",
+                                      "families": None, "parameter_size": "",
+                                      "quantization_level": ""}}

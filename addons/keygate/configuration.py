@@ -1,0 +1,140 @@
+"""The `Config` addon: reads gateway.toml and keys.yaml, and reloads them while running.
+
+Other addons read `config.state`, an immutable snapshot swapped whole: a request sees one
+consistent configuration, and an edit that does not parse or validate changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mitmproxy import ctx, exceptions
+
+from . import keys
+from .config import DEFAULT_CONFIG, ConfigError, Settings, load_settings
+
+log = logging.getLogger("keygate")
+
+POLL_INTERVAL = 0.5  # seconds; an edit takes effect within two polls and a parse
+
+
+@dataclass(frozen=True)
+class State:
+    settings: Settings
+    keys: keys.KeyRing
+
+
+def _fingerprint(path: Path | None) -> tuple | None:
+    """What changes when a file is edited in place or replaced by rename."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return ("missing", e.errno)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def read_state(config_path: str | None, missing_keys_ok: bool) -> State:
+    """Parse both files into a State, or raise ConfigError. Pure apart from reading."""
+    settings = load_settings(config_path or None)
+    if not settings.keys_file.exists() and missing_keys_ok:
+        log.warning(
+            "keygate: %s does not exist: no key is valid, every request will be refused. "
+            "Create a key with scripts/keys add NAME.", settings.keys_file)
+        return State(settings, keys.EMPTY)
+    return State(settings, keys.load_keys(settings.keys_file))
+
+
+class Config:
+    def __init__(self) -> None:
+        self.state: State | None = None
+        self._watched: tuple = ()
+        self._task: asyncio.Task | None = None
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "keygate_config", str, "",
+            "Path of keygate's gateway.toml (default: config/gateway.toml of the checkout). "
+            "Relative paths inside it are relative to its folder; keys.yaml and the usage "
+            "log are named there. Both files are reloaded when they change.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "keygate_config" not in updated and self.state is not None:
+            return
+        try:
+            state = read_state(ctx.options.keygate_config, missing_keys_ok=True)
+        except ConfigError as e:
+            # At start-up this stops mitmdump (fail closed); on a later option change
+            # the previous configuration stays in force.
+            raise exceptions.OptionsError(f"keygate: {e}") from e
+        self._swap(state)
+
+    def running(self) -> None:
+        # SPEC: keygate does the access control block_global stands in for, and a refused
+        # request must not open an upstream connection (or wait for a dead upstream).
+        wanted = {"connection_strategy": "lazy", "block_global": False}
+        changes = {k: v for k, v in wanted.items() if getattr(ctx.options, k) != v}
+        if self.state and ctx.options.body_size_limit is None:
+            # Bounds what one request can make mitmproxy buffer. keygate itself refuses
+            # bodies over max_body_mb with its own 413; the slack lets it see them first.
+            changes["body_size_limit"] = str(self.state.settings.max_body_bytes + 1024 * 1024)
+        if changes:
+            ctx.options.update(**changes)
+            log.info("keygate: set %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
+        if self.state:
+            s = self.state.settings
+            log.info(
+                "keygate: config %s, keys %s (%d keys), usage log %s, channels: %s",
+                s.path or "(defaults)", s.keys_file, len(self.state.keys), s.usage_log,
+                ", ".join(f"{c.name} ({c.kind} {c.base_url})" for c in s.channels)
+                or "none (mitmdump's reverse target)",
+            )
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    def done(self) -> None:
+        if self._task:
+            self._task.cancel()
+            self._task = None
+
+    def _config_path(self) -> Path:
+        return Path(ctx.options.keygate_config or DEFAULT_CONFIG).expanduser().resolve()
+
+    def _fingerprints(self, state: State) -> tuple:
+        return (_fingerprint(self._config_path()), _fingerprint(state.settings.keys_file))
+
+    def _swap(self, state: State) -> None:
+        self.state = state
+        self._watched = self._fingerprints(state)
+
+    async def _watch(self) -> None:
+        failed: tuple | None = None
+        while True:
+            await asyncio.sleep(POLL_INTERVAL)
+            if self.state is None:
+                continue
+            now = self._fingerprints(self.state)
+            if now == self._watched or now == failed:
+                continue
+            try:
+                # Parsing 10,000 keys takes a moment: keep it off the event loop.
+                new = await asyncio.to_thread(read_state, ctx.options.keygate_config, False)
+            except ConfigError as e:
+                log.error("keygate: %s; keeping the last good configuration", e)
+                failed = now
+                continue
+            except Exception as e:  # the watcher must outlive any surprise
+                log.exception("keygate: reload failed: %s", e)
+                failed = now
+                continue
+            failed = None
+            self._swap(new)
+            log.info(
+                "keygate: reloaded configuration (%d keys, %d channels)",
+                len(new.keys), len(new.settings.channels))

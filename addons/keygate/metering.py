@@ -1,0 +1,323 @@
+"""The `Meter` addon: token counts from upstream responses, and the few edits keygate makes
+to what comes back (SPEC 2, 4, 6).
+
+Streamed responses (NDJSON and server-sent events) pass through a `StreamMeter`, called by
+mitmproxy once per received chunk. It never holds more than one incomplete line or event:
+when it has nothing to change it hands every chunk on untouched at once and only looks; when
+it must edit (a model alias to turn back, usage keygate asked for to take out) it hands on
+each complete frame as soon as the frame is complete. Non-streamed bodies are small JSON
+documents read whole in the response hook.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+
+from mitmproxy import http
+
+from . import endpoints
+from .config import is_cloud_model
+from .configuration import Config
+
+log = logging.getLogger("keygate")
+
+STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
+_SSE_SEP = re.compile(rb"\r?\n\r?\n")
+
+
+@dataclass
+class Tally:
+    """What a response said about itself, filled in as it passes."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int | None = None  # when the upstream states it
+    finished: bool = False  # the upstream's own end marker was seen
+    upstream_error: bool = False  # an {"error": ...} line or event
+
+
+def _int(v: object) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+
+
+def read_usage(api: str, doc: dict, tally: Tally) -> None:
+    """Take token counts from one JSON document (a whole body, a line or an event)."""
+    if api == "ollama":
+        if "prompt_eval_count" in doc or "eval_count" in doc:
+            tally.prompt_tokens = _int(doc.get("prompt_eval_count"))
+            tally.completion_tokens = _int(doc.get("eval_count"))
+        return
+    if api == "responses" and isinstance(doc.get("response"), dict):
+        doc = doc["response"]  # the response.completed event
+    if api == "anthropic":
+        msg = doc.get("message")
+        usage = msg.get("usage") if isinstance(msg, dict) else doc.get("usage")
+        if isinstance(usage, dict):
+            if "input_tokens" in usage:
+                tally.prompt_tokens = _int(usage.get("input_tokens"))
+            if "output_tokens" in usage:
+                tally.completion_tokens = _int(usage.get("output_tokens"))
+        return
+    usage = doc.get("usage")
+    if not isinstance(usage, dict):
+        return
+    if api == "responses":
+        tally.prompt_tokens = _int(usage.get("input_tokens"))
+        tally.completion_tokens = _int(usage.get("output_tokens"))
+    else:
+        tally.prompt_tokens = _int(usage.get("prompt_tokens"))
+        tally.completion_tokens = _int(usage.get("completion_tokens"))
+    if "total_tokens" in usage:
+        tally.total_tokens = _int(usage.get("total_tokens"))
+
+
+def rename_model(doc: dict, upstream: str, client: str) -> bool:
+    """Put the client's model name back where the upstream echoes its own (SPEC 2)."""
+    changed = False
+    for holder in (doc, doc.get("response"), doc.get("message")):
+        if isinstance(holder, dict) and holder.get("model") == upstream:
+            holder["model"] = client
+            changed = True
+    return changed
+
+
+def dumps(doc: object) -> bytes:
+    # Compact, as Ollama and OpenAI-compatible servers write their JSON.
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class StreamMeter:
+    """The `flow.response.stream` callable for one streamed response."""
+
+    def __init__(self, api: str, sse: bool, tally: Tally,
+                 alias: tuple[str, str] | None = None, strip_usage: bool = False) -> None:
+        self.api = api
+        self.sse = sse
+        self.tally = tally
+        self.alias = alias
+        self.strip_usage = strip_usage
+        self.edits = alias is not None or strip_usage
+        self.pending = b""
+        self.broken = False
+
+    def __call__(self, data: bytes) -> bytes | list[bytes]:
+        # mitmproxy calls this inside its protocol layer, where an exception would end the
+        # stream with nothing sent: whatever goes wrong, the data goes on.
+        if self.broken:
+            return data
+        try:
+            return self._feed(data)
+        except Exception:
+            log.exception("keygate: could not read a streamed response; passing it through")
+            self.broken = True
+            rest, self.pending = self.pending, b""
+            return rest + data if self.edits else data
+
+    def _feed(self, data: bytes) -> bytes | list[bytes]:
+        buf = self.pending + data
+        end = data == b""
+        frames, self.pending = self._split(buf, end)
+        if not self.edits:
+            for frame, _ in frames:
+                self._look(frame)
+            return data
+        out = []
+        for frame, sep in frames:
+            edited = self._look(frame)
+            if edited is not None:
+                out.append(edited + sep)
+        # An empty list sends nothing now; b"" here would end the response early.
+        return out if out or not end else b""
+
+    def _split(self, buf: bytes, end: bool) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        frames = []
+        if self.sse:
+            pos = 0
+            for m in _SSE_SEP.finditer(buf):
+                frames.append((buf[pos:m.start()], m.group()))
+                pos = m.end()
+            rest = buf[pos:]
+        else:
+            *lines, rest = buf.split(b"\n")
+            frames = [(line, b"\n") for line in lines]
+        if end and rest.strip():
+            frames.append((rest, b""))
+            rest = b""
+        return frames, rest
+
+    def _look(self, frame: bytes) -> bytes | None:
+        """Observe one frame; return it (edited if need be), or None to drop it."""
+        if self.sse:
+            return self._look_event(frame)
+        line = frame.strip()
+        if not line:
+            return frame
+        interesting = (b'"done":true' in line or line.startswith(b'{"error"')
+                       or b'"status":"success"' in line)
+        if not interesting and not self.edits:
+            return frame
+        doc = json.loads(line)
+        if not isinstance(doc, dict):
+            return frame
+        self._observe(doc)
+        if self.alias and rename_model(doc, *self.alias):
+            return dumps(doc)
+        return frame
+
+    def _look_event(self, frame: bytes) -> bytes | None:
+        event, data_lines, other = None, [], []
+        for line in frame.splitlines():
+            if line.startswith(b"data:"):
+                data_lines.append(line[5:].lstrip(b" "))
+            else:
+                if line.startswith(b"event:"):
+                    event = line[6:].strip()
+                other.append(line)
+        if not data_lines:
+            return frame
+        data = b"\n".join(data_lines)
+        if data.strip() == b"[DONE]":
+            self.tally.finished = True
+            return frame
+        interesting = (
+            event in (b"message_start", b"message_delta", b"message_stop", b"response.completed",
+                      b"response.failed", b"error")
+            or b'"usage"' in data or b'"error"' in data)
+        if not interesting and not self.edits:
+            return frame
+        doc = json.loads(data)
+        if not isinstance(doc, dict):
+            return frame
+        self._observe(doc, event)
+        changed = bool(self.alias and rename_model(doc, *self.alias))
+        if self.strip_usage and "usage" in doc:
+            if doc.get("choices") == []:
+                return None  # the usage-only chunk the client did not ask for
+            del doc["usage"]
+            changed = True
+        if not changed:
+            return frame
+        return b"\n".join([*other, b"data: " + dumps(doc)])
+
+    def _observe(self, doc: dict, event: bytes | None = None) -> None:
+        top_level_error = doc.get("error") is not None and self.api != "anthropic"
+        if (top_level_error or doc.get("type") == "error"
+                or event in (b"error", b"response.failed")):
+            self.tally.upstream_error = True
+            return
+        read_usage(self.api, doc, self.tally)
+        if (doc.get("done") is True or doc.get("status") == "success"
+                or event in (b"message_stop", b"response.completed")):
+            self.tally.finished = True
+
+
+class Meter:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.tallies: dict[str, Tally] = {}
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if not flow.metadata.get("keygate.admitted") or flow.response is None:
+            return
+        ctype = flow.response.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in STREAM_TYPES:
+            return  # read whole in the response hook
+        ep = endpoints.classify(flow.request.method, _client_path(flow))
+        tally = Tally()
+        self.tallies[flow.id] = tally
+        flow.metadata["keygate.stream"] = True
+        flow.response.stream = StreamMeter(
+            api=ep.api if ep else "ollama",
+            sse=ctype == "text/event-stream",
+            tally=tally,
+            alias=_alias(flow),
+            strip_usage=bool(flow.metadata.get("keygate.strip_usage")),
+        )
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if not flow.metadata.get("keygate.admitted") or flow.response is None:
+            return
+        tally = self.tallies.pop(flow.id, None)
+        if tally is None:
+            flow.metadata["keygate.stream"] = False
+            tally = self._read_body(flow)
+        self._publish(flow, tally)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        tally = self.tallies.pop(flow.id, None)
+        if tally is not None:
+            self._publish(flow, tally)
+
+    @staticmethod
+    def _publish(flow: http.HTTPFlow, tally: Tally) -> None:
+        md = flow.metadata
+        md["keygate.prompt_tokens"] = tally.prompt_tokens
+        md["keygate.completion_tokens"] = tally.completion_tokens
+        md["keygate.total_tokens"] = (tally.total_tokens if tally.total_tokens
+                                      else tally.prompt_tokens + tally.completion_tokens)
+        md["keygate.finished"] = tally.finished
+        if tally.upstream_error:
+            md["keygate.error"] = "upstream_error"
+
+    def _read_body(self, flow: http.HTTPFlow) -> Tally:
+        tally = Tally(finished=True)
+        resp = flow.response
+        ctype = resp.headers.get("content-type", "")
+        if "json" not in ctype or not resp.raw_content:
+            return tally
+        ep = endpoints.classify(flow.request.method, _client_path(flow))
+        if ep is None:
+            return tally
+        try:
+            doc = json.loads(resp.get_content(strict=False))
+        except (ValueError, UnicodeDecodeError):
+            return tally
+        if not isinstance(doc, dict):
+            return tally
+        changed = False
+        if resp.status_code < 400:
+            read_usage(ep.api, doc, tally)
+            alias = _alias(flow)
+            if alias:
+                changed = rename_model(doc, *alias)
+            if ep.kind == "list":
+                changed = self._filter_list(flow, doc) or changed
+        if changed:
+            resp.content = dumps(doc)
+        return tally
+
+    def _filter_list(self, flow: http.HTTPFlow, doc: dict) -> bool:
+        """Model lists show only what the key may use (SPEC 4)."""
+        state = self.config.state
+        key = state.keys.by_name.get(flow.metadata.get("keygate.key"))
+        channels = state.settings.channels
+
+        def visible(name: object) -> bool:
+            if not isinstance(name, str) or key is None or not key.may_use(name):
+                return False
+            return not is_cloud_model(name) or any(c.serves(name) for c in channels)
+
+        if isinstance(doc.get("models"), list):
+            doc["models"] = [m for m in doc["models"] if isinstance(m, dict)
+                             and visible(m.get("name") or m.get("model"))]
+            return True
+        if isinstance(doc.get("data"), list):
+            doc["data"] = [m for m in doc["data"] if isinstance(m, dict) and visible(m.get("id"))]
+            return True
+        return False
+
+
+def _client_path(flow: http.HTTPFlow) -> str:
+    """The path the client asked for (the router may have rewritten flow.request.path)."""
+    return flow.metadata.get("keygate.path") or flow.request.path.split("?", 1)[0]
+
+
+def _alias(flow: http.HTTPFlow) -> tuple[str, str] | None:
+    model = flow.metadata.get("keygate.model")
+    upstream = flow.metadata.get("keygate.upstream_model")
+    if model and upstream and model != upstream:
+        return (upstream, model)
+    return None

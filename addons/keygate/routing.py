@@ -1,0 +1,176 @@
+"""The `Router` addon: sends an admitted request to its upstream (SPEC 2, 3, 4).
+
+It picks the channel for the requested model (highest priority first, spread by weight,
+skipping channels that are cooling down after failures), rewrites scheme, host, port and
+path for it, puts the upstream model name in the body, swaps the client's credential for
+the channel's own, and drops `Origin`. Without channels it leaves the destination to
+mitmdump's reverse target. It is the last addon to touch a request, so it is the one that
+marks it admitted; the fail-closed guard refuses anything not so marked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+
+from mitmproxy import http
+
+from . import endpoints
+from .config import Channel
+from .configuration import Config
+from .errors import refuse
+
+log = logging.getLogger("keygate")
+
+# Streams of these endpoints report usage only when asked with stream_options (SPEC 6).
+USAGE_OPTION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+COOLDOWN_FIRST = 2.0
+COOLDOWN_MAX = 60.0
+
+
+class Health:
+    """Cooldown per channel: starts at a few seconds, doubles while failures go on,
+    and is forgotten on the first success."""
+
+    def __init__(self, clock=time.monotonic) -> None:
+        self.clock = clock
+        self.until: dict[str, float] = {}
+        self.backoff: dict[str, float] = {}
+        self.failed_at: dict[str, float] = {}
+
+    def cooling(self, name: str) -> bool:
+        return self.until.get(name, 0.0) > self.clock()
+
+    def failure(self, name: str) -> float:
+        step = min(self.backoff.get(name, COOLDOWN_FIRST / 2) * 2, COOLDOWN_MAX)
+        self.backoff[name] = step
+        now = self.clock()
+        self.failed_at[name] = now
+        self.until[name] = now + step
+        return step
+
+    def success(self, name: str) -> None:
+        if name in self.backoff:
+            self.backoff.pop(name, None)
+            self.until.pop(name, None)
+            self.failed_at.pop(name, None)
+
+
+def candidates(channels: tuple[Channel, ...], model: str | None, native: bool) -> list[Channel]:
+    """Channels that may serve the request, before priority and health are applied."""
+    out = []
+    for c in channels:
+        if native and c.kind != "ollama":
+            continue
+        if model is None or c.serves(model):
+            out.append(c)
+    return out
+
+
+def choose(cands: list[Channel], health: Health, rng: random.Random) -> Channel | None:
+    """Highest priority group among healthy channels, weighted; if all are cooling, the one
+    that failed longest ago (it is the likeliest to be back)."""
+    if not cands:
+        return None
+    healthy = [c for c in cands if not health.cooling(c.name)]
+    if not healthy:
+        return min(cands, key=lambda c: health.failed_at.get(c.name, 0.0))
+    top = max(c.priority for c in healthy)
+    group = [c for c in healthy if c.priority == top]
+    if len(group) == 1:
+        return group[0]
+    return rng.choices(group, weights=[c.weight for c in group])[0]
+
+
+class Router:
+    def __init__(self, config: Config, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.health = Health()
+        self.rng = rng or random.Random()
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # Blob uploads stream their body: they leave before the request hook.
+        if flow.response or flow.error or not flow.live or not flow.request.stream:
+            return
+        self._forward(flow)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or flow.metadata.get("keygate.admitted"):
+            return
+        self._forward(flow)
+
+    def _forward(self, flow: http.HTTPFlow) -> None:
+        path, sep, query = flow.request.path.partition("?")
+        ep = endpoints.classify(flow.request.method, path)
+        if ep is None:  # Policy refuses these; never forward one by accident
+            refuse(flow, "unknown_endpoint", f"Unknown endpoint: {flow.request.method} {path}")
+            return
+        model = flow.metadata.get("keygate.model")
+        doc = flow.metadata.pop("keygate.body", None)
+        changed = flow.metadata.pop("keygate.body_changed", False)
+        channels = self.config.state.settings.channels
+
+        channel = None
+        if channels:
+            # Admin calls and reads without a model go to the first Ollama channel.
+            routed_model = model if ep.kind in ("inference", "show", "model") else None
+            channel = choose(candidates(channels, routed_model, ep.native), self.health, self.rng)
+            if channel is None:
+                where = " on the native Ollama API" if ep.native else ""
+                refuse(flow, "model_not_found",
+                       f"No upstream serves the model '{model}'{where}." if model
+                       else "No upstream is configured for this endpoint.")
+                return
+            flow.request.scheme = channel.scheme
+            flow.request.host = channel.host
+            flow.request.port = channel.port
+            flow.request.path = channel.upstream_path(path) + sep + query
+            flow.metadata["keygate.channel"] = channel.name
+            if channel.api_key:
+                flow.request.headers["authorization"] = f"Bearer {channel.api_key}"
+
+        upstream_model = channel.upstream_model(model) if channel and model else model
+        flow.metadata["keygate.upstream_model"] = upstream_model
+        if doc is not None:
+            if upstream_model != model:
+                if "model" in doc or "name" not in doc:
+                    doc["model"] = upstream_model
+                else:
+                    doc["name"] = upstream_model
+                changed = True
+            if (flow.metadata.get("keygate.wants_stream") and path in USAGE_OPTION_PATHS
+                    and (channel is None or channel.stream_usage)):
+                opts = doc.get("stream_options")
+                if not (isinstance(opts, dict) and opts.get("include_usage") is True):
+                    # Ask for usage, and have the meter take back out what this added.
+                    doc["stream_options"] = {**(opts if isinstance(opts, dict) else {}),
+                                             "include_usage": True}
+                    flow.metadata["keygate.strip_usage"] = True
+                    changed = True
+            if changed:
+                flow.request.content = json.dumps(doc, ensure_ascii=False).encode()
+
+        flow.request.headers.pop("origin", None)
+        flow.metadata["keygate.admitted"] = True
+
+    # Channel health: failures seen by the meter and the usage log feed the cooldown.
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        name = flow.metadata.get("keygate.channel")
+        if name and flow.response is not None:
+            if flow.response.status_code >= 500:
+                step = self.health.failure(name)
+                log.warning("keygate: channel %s answered %d; cooling down for %.0f s",
+                            name, flow.response.status_code, step)
+            else:
+                self.health.success(name)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        name = flow.metadata.get("keygate.channel")
+        client_left = flow.error is not None and "client" in flow.error.msg.lower()
+        if name and flow.response is None and not client_left:
+            step = self.health.failure(name)
+            log.warning("keygate: channel %s failed (%s); cooling down for %.0f s",
+                        name, flow.error.msg if flow.error else "?", step)

@@ -1,0 +1,149 @@
+"""The `Usage` addon: a request id on every response, and one usage-log line per request.
+
+The line is written when the request ends (SPEC 6): in the response hook (after the last
+chunk of a stream), or in the error hook when the upstream broke or the client left. A
+flow gets exactly one of the two hooks from mitmproxy; `keygate.logged` makes doubly sure.
+Writing is queued to `UsageWriter`'s thread; the per-key counters in `Ledger` are updated
+here, in memory, from the same record, so quotas see what the log says.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import secrets
+import time
+
+from mitmproxy import http
+
+from .configuration import Config
+from .ledger import Ledger
+from .usagelog import UsageWriter
+
+log = logging.getLogger("keygate")
+
+ID_HEADER = "x-keygate-request-id"
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(10)
+
+
+def iso_ms(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def client_gone(flow: http.HTTPFlow) -> bool:
+    return flow.error is not None and "client" in flow.error.msg.lower()
+
+
+def build_record(flow: http.HTTPFlow, now: float) -> dict:
+    """The SPEC 6 record for a finished flow; reads only flow.metadata and the flow."""
+    md = flow.metadata
+    error = md.get("keygate.error")
+    if flow.response is not None:
+        status = flow.response.status_code
+    elif client_gone(flow):
+        status = 499  # nothing was sent: the client left first (nginx's convention)
+    else:
+        status = 504 if error == "upstream_timeout" else 502
+        error = error or "upstream_error"
+    streamed = bool(md.get("keygate.stream")) and flow.response is not None and bool(
+        flow.response.stream)
+    if flow.error is not None:
+        completed = False
+    elif streamed:
+        completed = bool(md.get("keygate.finished")) and error != "upstream_error"
+    else:
+        completed = True
+    start = flow.request.timestamp_start
+    prompt = md.get("keygate.prompt_tokens", 0)
+    completion = md.get("keygate.completion_tokens", 0)
+    return {
+        "ts": iso_ms(start),
+        "id": md.get("keygate.id"),
+        "key": md.get("keygate.key"),
+        "status": status,
+        "error": error,
+        "method": flow.request.method,
+        "path": md.get("keygate.path") or flow.request.path.split("?", 1)[0],
+        "model": md.get("keygate.model"),
+        "upstream_model": md.get("keygate.upstream_model"),
+        "channel": md.get("keygate.channel"),
+        "stream": streamed,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": md.get("keygate.total_tokens", prompt + completion),
+        "duration_ms": round((now - start) * 1000, 3),
+        "client_ip": md.get("keygate.client_ip") or _peer(flow),
+        "completed": completed,
+    }
+
+
+def _peer(flow: http.HTTPFlow) -> str:
+    try:
+        return flow.client_conn.peername[0]
+    except (TypeError, IndexError):
+        return ""
+
+
+class Usage:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.writer: UsageWriter | None = None
+        self.ledger = Ledger()
+        self._log_settings: tuple | None = None
+
+    def running(self) -> None:
+        s = self.config.state.settings
+        t0 = time.monotonic()
+        self.ledger = Ledger.load(s.usage_log, s.usage_log_keep)
+        log.info("keygate: usage counters rebuilt from %s in %.2f s",
+                 s.usage_log, time.monotonic() - t0)
+        self._log_settings = (s.usage_log, s.usage_log_max_bytes, s.usage_log_keep)
+        self.writer = UsageWriter(*self._log_settings)
+
+    def done(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # Runs for every request, refused ones included: they get an id and a line too.
+        flow.metadata.setdefault("keygate.id", new_request_id())
+        flow.metadata["keygate.seen"] = True
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        # Streamed responses leave with these headers, before the response hook.
+        self._stamp(flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._stamp(flow)
+        self._finish(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow)
+
+    @staticmethod
+    def _stamp(flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            flow.response.headers[ID_HEADER] = flow.metadata.setdefault(
+                "keygate.id", new_request_id())
+
+    def _finish(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get("keygate.logged"):
+            return
+        flow.metadata["keygate.logged"] = True
+        flow.metadata.setdefault("keygate.id", new_request_id())
+        record = build_record(flow, time.time())
+        self.ledger.add(record)
+        writer = self.writer
+        if writer is None:
+            log.error("keygate: usage log not open; lost record %s", record["id"])
+            return
+        s = self.config.state.settings
+        wanted = (s.usage_log, s.usage_log_max_bytes, s.usage_log_keep)
+        if wanted != self._log_settings:
+            self._log_settings = wanted
+            writer.reconfigure(*wanted)
+        writer.write(record)

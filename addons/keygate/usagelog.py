@@ -1,0 +1,520 @@
+"""The usage log on disk (SPEC 6): `UsageWriter` appends to it, `read_log` reads it back.
+
+Format: one compact JSON object per line, UTF-8, appended to `usage.jsonl`; size-based
+rotation renames `usage.jsonl.(k)` -> `.(k+1)` and `usage.jsonl` -> `usage.jsonl.1`, so a
+`tail -F` follower loses nothing and a rotated file never changes again (the ledger's
+sidecar relies on that).
+
+Failure policy: a log that cannot be written must not take the gateway down, and must not
+lose records silently. The writer keeps what it could not write in a bounded in-memory
+backlog, says so loudly, retries about every second, and writes the backlog in order once
+it can. A line is written whole or not at all: a short write is cut back to the line
+boundary before it is retried.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import json.decoder
+import json.scanner
+import logging
+import os
+import queue
+import stat
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+log = logging.getLogger("keygate")
+
+BACKLOG_LIMIT = 100_000
+RETRY_INTERVAL = 1.0
+CHECKPOINT_INTERVAL = 10.0
+BATCH_BYTES = 1 << 20  # one write() of at most this much (more would only delay a follower)
+READ_CHUNK = 4 << 20
+
+
+# --------------------------------------------------------------------------- file names
+
+
+def rotated_name(path: Path, k: int) -> Path:
+    """`usage.jsonl` -> `usage.jsonl.k`."""
+    return path.with_name(f"{path.name}.{k}")
+
+
+def log_files(path: Path, keep: int | None = None) -> list[Path]:
+    """The existing files of the log at `path`, oldest first: `.keep` ... `.1`, then the live file.
+
+    `keep=None` takes every `path.N` present (for readers that do not know the setting).
+    """
+    path = Path(path)
+    if keep is None:
+        numbers = []
+        try:
+            for p in path.parent.iterdir():
+                suffix = p.name[len(path.name) + 1:]
+                if p.name.startswith(path.name + ".") and suffix.isdigit():
+                    numbers.append(int(suffix))
+        except OSError:
+            numbers = []
+        candidates = [rotated_name(path, k) for k in sorted(numbers, reverse=True)]
+    else:
+        candidates = [rotated_name(path, k) for k in range(keep, 0, -1)]
+    return [p for p in candidates + [path] if p.is_file()]
+
+
+# --------------------------------------------------------------------------- serialising
+
+
+def encode(record: dict) -> bytes:
+    """One log line. `default=str` so an odd value (a datetime, a Path) cannot lose a record;
+    lone surrogates become JSON `\\udcXX` escapes instead of failing the UTF-8 encode."""
+    text = json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str)
+    return text.encode("utf-8", "backslashreplace") + b"\n"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class ReadResult:
+    end: int  # offset just after the last complete line ("\n") read
+    bad: int  # complete lines that are not a JSON object (blank lines are not counted)
+    trailing: bytes  # bytes after `end`: an unterminated (possibly torn) last line
+
+
+def parse_line(line: bytes) -> dict | None:
+    """The record on one line, or None. The definition every reader follows: a line counts
+    iff it is valid UTF-8 and `json.loads` makes a dict of it."""
+    try:
+        obj = json.loads(line.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
+    return obj if type(obj) is dict else None
+
+
+def _scanner() -> Callable[[str, int], tuple[Any, int]]:
+    # The C scanner json.loads uses underneath, called directly: about a third less
+    # per line than json.loads (which wraps it in four Python calls and two regexes).
+    return json.scanner.make_scanner(json.decoder.JSONDecoder())
+
+
+def scan_text(text: str, sink: Callable[[dict], Any], scan=None) -> int:
+    """Feed every line of `text` (complete lines, "\\n"-separated) that holds a JSON object
+    to `sink`, in order; return how many non-blank lines did not. Same result as
+    `parse_line` on each line, faster."""
+    scan = scan or _scanner()
+    bad = 0
+    i, n = 0, len(text)
+    find = text.find
+    while i < n:
+        nl = find("\n", i)
+        if nl < 0:
+            nl = n
+        try:
+            obj, end = scan(text, i)
+        except (StopIteration, ValueError):
+            obj, end = None, -1
+        if end != nl:
+            # Not exactly one value on this line (whitespace, garbage, a torn line, or a
+            # value running on past the newline): decide the way json.loads would.
+            line = text[i:nl]
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                obj = None
+            if obj is None and not line.strip():
+                i = nl + 1
+                continue
+        if type(obj) is dict:
+            sink(obj)
+        else:
+            bad += 1
+        i = nl + 1
+    return bad
+
+
+def _scan_bytes(data: bytes, sink: Callable[[dict], Any], scan) -> int:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        # Rare: decode line by line so one bad line costs only itself.
+        bad = 0
+        for line in data.split(b"\n")[:-1]:
+            obj = parse_line(line)
+            if obj is not None:
+                sink(obj)
+            elif line.strip():
+                bad += 1
+        return bad
+    return scan_text(text, sink, scan)
+
+
+def read_log(f: BinaryIO, start: int, sink: Callable[[dict], Any]) -> ReadResult:
+    """Read an open log file from byte `start` to its end, feeding each record on a
+    complete line to `sink` in order. The unterminated rest is returned, not parsed."""
+    scan = _scanner()
+    f.seek(start)
+    pos, bad, rest = start, 0, b""
+    while True:
+        chunk = f.read(READ_CHUNK)
+        if not chunk:
+            break
+        buf = rest + chunk if rest else chunk
+        cut = buf.rfind(b"\n") + 1
+        if cut:
+            bad += _scan_bytes(buf[:cut], sink, scan)
+            pos += cut
+        rest = buf[cut:]
+    return ReadResult(end=pos, bad=bad, trailing=rest)
+
+
+def read_records(path: Path, sink: Callable[[dict], Any]) -> int:
+    """Feed every record of one log file to `sink`, a torn last line included if it parses.
+    Returns the number of garbage lines skipped. A missing file is empty."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return 0
+    with f:
+        res = read_log(f, 0, sink)
+    if res.trailing.strip():
+        obj = parse_line(res.trailing)
+        if obj is None:
+            return res.bad + 1
+        sink(obj)
+    return res.bad
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and how to write: the settings `reconfigure` swaps between lines."""
+
+    path: Path
+    max_bytes: int
+    keep: int
+
+
+class LogFile:
+    """Appends whole lines to the log, rotating by size. Synchronous; used by one thread.
+
+    `append` either writes lines (and pops them from the deque) or raises OSError with the
+    file cut back to a line boundary; whatever it did not write stays in the deque.
+    """
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.rotations = 0
+        self._fd: int | None = None
+        self._at_boundary = False  # our last write succeeded, so the file ends with "\n"
+
+    def retarget(self, target: Target) -> None:
+        if target.path != self.target.path:
+            self.close()
+        self.target = target
+
+    def close(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+
+    def append(self, lines: deque[bytes], batch_bytes: int = BATCH_BYTES) -> int:
+        """Write lines from the left of `lines` until it is empty; return how many."""
+        written = 0
+        while lines:
+            fd, size = self._open()
+            sep = b"" if self._at_boundary or size == 0 else self._separator(fd, size)
+            room = self.target.max_bytes - size - len(sep)
+            if size > 0 and len(lines[0]) > room:
+                self._rotate()
+                continue
+            # Batch what fits; a single line bigger than max_bytes still goes, alone.
+            limit = max(min(batch_bytes, room), len(lines[0]))
+            parts, total = [sep] if sep else [], 0
+            for line in lines:
+                if total + len(line) > limit:
+                    break
+                parts.append(line)
+                total += len(line)
+            n = len(parts) - (1 if sep else 0)
+            self._write(fd, b"".join(parts), size)
+            for _ in range(n):
+                lines.popleft()
+            written += n
+        return written
+
+    def _open(self) -> tuple[int, int]:
+        """The open file at target.path (reopened if the path now names another file)
+        and its size."""
+        path = self.target.path
+        if self._fd is not None:
+            try:
+                st = os.stat(path)
+                fst = os.fstat(self._fd)
+                if (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino):
+                    return self._fd, fst.st_size
+            except OSError:
+                pass
+            self.close()  # moved away, deleted or replaced behind our back
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fst = os.fstat(fd)
+            if not stat.S_ISREG(fst.st_mode):
+                raise OSError(errno.EINVAL, f"{path} is not a regular file")
+        except OSError:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._at_boundary = False
+        return fd, fst.st_size
+
+    def _separator(self, fd: int, size: int) -> bytes:
+        # A file that does not end with "\n" ends with a torn line (a crash, another
+        # writer): terminate it so our first line is not glued onto it.
+        last = os.pread(fd, 1, size - 1)
+        return b"" if last == b"\n" else b"\n"
+
+    def _write(self, fd: int, data: bytes, size: int) -> None:
+        self._at_boundary = False
+        try:
+            n = os.write(fd, data)
+            if n != len(data):
+                raise OSError(errno.ENOSPC, f"short write: {n} of {len(data)} bytes")
+        except OSError:
+            self._cut_back(fd, size)
+            raise
+        self._at_boundary = True
+
+    def _cut_back(self, fd: int, size: int) -> None:
+        """Undo a partial write so no torn line stays in the file."""
+        try:
+            if os.fstat(fd).st_size > size:
+                os.ftruncate(fd, size)
+        except OSError as e:
+            # Left torn; `_separator` terminates it before the next line.
+            log.error("keygate: usage log: cannot cut back a partial write: %s", e)
+
+    def _rotate(self) -> None:
+        """usage.jsonl.(k) -> .(k+1) (dropping beyond keep), usage.jsonl -> .1.
+
+        Renames only: a follower holding the old file reads it to its end, and every
+        rotated file keeps its first line, which is how the ledger sidecar knows it.
+        """
+        self.close()
+        path, keep = self.target.path, self.target.keep
+        k = keep + 1
+        while k <= keep + 1000 and rotated_name(path, k).exists():  # left from a larger keep
+            os.unlink(rotated_name(path, k))
+            k += 1
+        if keep == 0:
+            os.unlink(path)
+        else:
+            for k in range(keep - 1, 0, -1):
+                src = rotated_name(path, k)
+                if src.exists():
+                    os.replace(src, rotated_name(path, k + 1))
+            os.replace(path, rotated_name(path, 1))
+        self.rotations += 1
+
+
+@dataclass(frozen=True)
+class _Stop:
+    deadline: float
+
+
+class UsageWriter:
+    """Appends usage records to the log from one background thread.
+
+    `write` only enqueues (safe from the event loop and from any thread); the thread
+    serialises, batches what is queued into one write, rotates, retries, and calls
+    `checkpoint(path, keep)` (the ledger's sidecar hook) after a rotation, every
+    `checkpoint_interval` seconds while writing, and on close. Nothing here raises into
+    the caller. A record must not be changed after it is passed to `write`.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        max_bytes: int,
+        keep: int,
+        *,
+        checkpoint: Callable[[Path, int], None] | None = None,
+        checkpoint_interval: float = CHECKPOINT_INTERVAL,
+        retry_interval: float = RETRY_INTERVAL,
+        backlog_limit: int = BACKLOG_LIMIT,
+    ) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._file = LogFile(Target(Path(path), max_bytes, keep))
+        self._checkpoint = checkpoint
+        self._checkpoint_interval = checkpoint_interval
+        self._retry_interval = retry_interval
+        self._backlog_limit = backlog_limit
+        self._closed = False
+        self._warned_closed = False
+        # Writer-thread state below.
+        self._pending: deque[bytes] = deque()
+        self._failing = False
+        self._next_try = 0.0
+        self._dropped = 0
+        self._dirty = False
+        self._last_checkpoint = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="keygate-usagelog", daemon=True)
+        self._thread.start()
+
+    # ---- caller side
+
+    def write(self, record: dict) -> None:
+        if self._closed:
+            if not self._warned_closed:
+                self._warned_closed = True
+                log.warning("keygate: usage log already closed; record %s not written",
+                            record.get("id") if isinstance(record, dict) else None)
+            return
+        self._queue.put(record)
+
+    def reconfigure(self, path: Path, max_bytes: int, keep: int) -> None:
+        self._queue.put(Target(Path(path), max_bytes, keep))
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write everything queued (retrying up to `timeout` s if the disk fails), stop the
+        thread and join it."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_Stop(time.monotonic() + timeout))
+        self._thread.join(timeout + 1.0)
+        if self._thread.is_alive():
+            log.error("keygate: usage log writer did not finish within %.0f s", timeout)
+
+    # ---- writer thread
+
+    def _run(self) -> None:
+        while True:
+            try:
+                stop = self._take(self._queue.get(timeout=self._timeout()))
+            except queue.Empty:
+                stop = None
+            if stop is not None:
+                self._finish(stop)
+                return
+            try:
+                self._flush()
+                self._maybe_checkpoint()
+            except Exception:  # a bug must not kill the thread and lose every later line
+                log.exception("keygate: usage log writer error")
+
+    def _timeout(self) -> float | None:
+        now = time.monotonic()
+        waits = []
+        if self._pending:
+            waits.append(self._next_try - now)
+        if self._dirty and self._checkpoint is not None:
+            waits.append(self._last_checkpoint + self._checkpoint_interval - now)
+        return max(0.0, min(waits)) if waits else None
+
+    def _take(self, item: Any) -> _Stop | None:
+        """Handle `item` and everything else already queued; return a stop request."""
+        stop = None
+        while True:
+            if isinstance(item, dict):
+                self._hold(item)
+            elif isinstance(item, Target):
+                self._flush(force=True)  # lines queued before the change go where they were
+                self._file.retarget(item)
+            elif isinstance(item, _Stop):
+                stop = item
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return stop
+
+    def _hold(self, record: dict) -> None:
+        try:
+            line = encode(record)
+        except Exception as e:  # e.g. a circular structure: only this record is lost
+            log.error("keygate: usage record %r cannot be serialised (%s); dropped",
+                      record.get("id"), e)
+            return
+        self._pending.append(line)
+        if len(self._pending) > self._backlog_limit:
+            self._pending.popleft()
+            if self._dropped == 0:
+                log.error("keygate: usage log backlog full (%d records): dropping the oldest "
+                          "until %s can be written", self._backlog_limit, self._file.target.path)
+            self._dropped += 1
+
+    def _flush(self, force: bool = False) -> bool:
+        """Try to write the backlog (not before the retry time unless forced); True if done."""
+        if not self._pending:
+            return True
+        if self._failing and not force and time.monotonic() < self._next_try:
+            return False
+        rotations = self._file.rotations
+        try:
+            held = len(self._pending)
+            self._file.append(self._pending)
+        except OSError as e:
+            self._failed(e)
+            return False
+        finally:
+            if self._file.rotations != rotations:
+                self._run_checkpoint()
+        self._dirty = True
+        if self._failing:
+            self._failing = False
+            log.warning("keygate: usage log %s is writable again: wrote %d held records%s",
+                        self._file.target.path, held,
+                        f"; {self._dropped} older records were dropped" if self._dropped else "")
+            self._dropped = 0
+        return True
+
+    def _failed(self, e: OSError) -> None:
+        self._next_try = time.monotonic() + self._retry_interval
+        if not self._failing:
+            self._failing = True
+            log.error("keygate: cannot write usage log %s: %s. Keeping records in memory (up "
+                      "to %d) and retrying every %g s", self._file.target.path, e,
+                      self._backlog_limit, self._retry_interval)
+
+    def _maybe_checkpoint(self) -> None:
+        if (self._dirty and self._checkpoint is not None
+                and time.monotonic() >= self._last_checkpoint + self._checkpoint_interval):
+            self._run_checkpoint()
+
+    def _run_checkpoint(self) -> None:
+        self._dirty = False
+        self._last_checkpoint = time.monotonic()
+        if self._checkpoint is None:
+            return
+        try:
+            self._checkpoint(self._file.target.path, self._file.target.keep)
+        except Exception as e:
+            log.warning("keygate: usage ledger checkpoint failed: %s", e)
+
+    def _finish(self, stop: _Stop) -> None:
+        try:
+            while not self._flush(force=True) and time.monotonic() < stop.deadline:
+                time.sleep(min(self._retry_interval, max(0.0, stop.deadline - time.monotonic())))
+                try:
+                    self._take(self._queue.get_nowait())
+                except queue.Empty:
+                    pass
+            if self._pending:
+                log.error("keygate: usage log %s: %d records could not be written and are lost",
+                          self._file.target.path, len(self._pending))
+            self._run_checkpoint()
+        except Exception:
+            log.exception("keygate: usage log writer error while closing")
+        finally:
+            self._file.close()
