@@ -59,6 +59,8 @@ the ``require_bearer`` check, on every request once its body has been read and r
   without the chunked-encoding end marker.
 * ``gate = threading.Event()``: every stream sends its first step, then waits for the event.
 * ``openai_style = "new" | "legacy"`` and ``usage_every_chunk`` choose the chat SSE variant.
+* ``byte_at_a_time = True``: streams go out one byte per HTTP chunk, so every line and
+  event arrives split across chunk boundaries.
 """
 
 from __future__ import annotations
@@ -458,6 +460,7 @@ class FakeOllama:
         self.gate: threading.Event | None = None
         self.openai_style = "new"  # "new" (Ollama >= 0.32.6) or "legacy"
         self.usage_every_chunk = False
+        self.byte_at_a_time = False  # streams sent one byte per chunk
 
         self._requested_port = port
         self._port = 0
@@ -728,8 +731,15 @@ class FakeOllama:
                 await self._wait_gate()
             if index > 0 and self.chunk_delay > 0:
                 await asyncio.sleep(self.chunk_delay)
-            writer.write(b"%x\r\n%s\r\n" % (len(step), step))
-            await writer.drain()
+            if self.byte_at_a_time:
+                # Every byte its own HTTP chunk and TCP segment: frames split anywhere.
+                for i in range(len(step)):
+                    writer.write(b"1\r\n%s\r\n" % step[i:i + 1])
+                    await writer.drain()
+                    await asyncio.sleep(0.0005)
+            else:
+                writer.write(b"%x\r\n%s\r\n" % (len(step), step))
+                await writer.drain()
         if fail == "cut":
             writer.close()  # flushes the two chunks, then FIN without the last-chunk marker
             return False

@@ -1,0 +1,235 @@
+"""Shared fixtures: a fake Ollama in-process, and real mitmdump processes running keygate.
+
+Every server here listens on 127.0.0.1 with a port the OS picks, is bounded in time, and
+is stopped by the fixture that started it (by its own process id).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT / "addons", ROOT / "demo", ROOT / "tests"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+from fakeollama import FakeOllama  # noqa: E402
+
+MITMDUMP = str(Path(sys.executable).with_name("mitmdump"))
+START_TIMEOUT = 30.0
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="run long load and soak tests")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="long-running; use --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def new_secret() -> str:
+    return "sk-test-" + secrets.token_hex(16)
+
+
+@dataclass
+class TestKey:
+    name: str
+    secret: str = field(default_factory=new_secret, repr=False)
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.secret}"}
+
+
+def default_keys() -> dict[str, TestKey]:
+    return {k.name: k for k in [
+        TestKey("alice"),
+        TestKey("admin", settings={"scopes": ["inference", "models", "admin"]}),
+        TestKey("llama-only", settings={"models": ["llama3.2:*"]}),
+        TestKey("disabled", settings={"enabled": False}),
+        TestKey("expired", settings={"expires_at": "2020-01-01"}),
+        TestKey("elsewhere", settings={"allow_ips": ["203.0.113.0/24"]}),
+        TestKey("reader", settings={"scopes": ["models"]}),
+        TestKey("plain", settings={"plaintext": True}),
+    ]}
+
+
+def keys_yaml(keys: dict[str, TestKey]) -> str:
+    import hashlib
+
+    doc = {}
+    for k in keys.values():
+        entry = dict(k.settings)
+        if entry.pop("plaintext", False):
+            entry["key"] = k.secret
+        else:
+            entry["key_sha256"] = hashlib.sha256(k.secret.encode()).hexdigest()
+        doc[k.name] = entry
+    return "# test keys\n" + json.dumps({"keys": doc}, indent=2) + "\n"  # JSON is YAML
+
+
+class Gateway:
+    """A real `mitmdump -s addons/gateway.py` in front of an upstream."""
+
+    def __init__(self, workdir: Path, upstream: str, keys: dict[str, TestKey] | None = None,
+                 gateway_toml: str = "", script: Path | None = None, env: dict | None = None,
+                 cwd: Path | None = None, pass_config: bool = True):
+        self.dir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.upstream = upstream
+        self.keys = keys if keys is not None else default_keys()
+        self.config = workdir / "gateway.toml"
+        self.keys_file = workdir / "keys.yaml"
+        self.usage_log = workdir / "logs" / "usage.jsonl"
+        self.script = script or ROOT / "addons" / "gateway.py"
+        self.env = env
+        self.cwd = cwd or workdir
+        self.pass_config = pass_config
+        self.lines: list[str] = []
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.config.write_text(
+            '[gateway]\nusage_log = "logs/usage.jsonl"\n' + gateway_toml)
+        self.keys_file.write_text(keys_yaml(self.keys))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def key(self, name: str) -> TestKey:
+        return self.keys[name]
+
+    def start(self, wait: bool = True) -> "Gateway":
+        confdir = self.dir / "confdir"
+        confdir.mkdir(exist_ok=True)
+        config = ["--set", f"keygate_config={self.config}"] if self.pass_config else []
+        self.proc = subprocess.Popen(
+            [MITMDUMP, "--mode", f"reverse:{self.upstream}", "--listen-host", "127.0.0.1",
+             "--listen-port", "0", "-s", str(self.script), *config,
+             "--set", f"confdir={confdir}", "--set", "flow_detail=0"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=self.cwd,
+            env={**os.environ, **(self.env or {})},
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        if wait:
+            self.wait_for(r"listening at .*:(\d+)")
+            self.port = int(re.search(r"listening at .*:(\d+)", self.output).group(1))
+            self.wait_for(r"keygate: config ")
+        return self
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = START_TIMEOUT, after: int = 0) -> str:
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.lines[after:]:
+                if rx.search(line):
+                    return line
+            if self.proc.poll() is not None and not any(rx.search(x) for x in self.lines[after:]):
+                time.sleep(0.2)  # let the reader thread drain
+                if not any(rx.search(x) for x in self.lines[after:]):
+                    raise AssertionError(
+                        f"mitmdump exited ({self.proc.returncode}) before {pattern!r}:\n{self.output}")
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {pattern!r}:\n{self.output}")
+
+    def usage(self) -> list[dict]:
+        if not self.usage_log.exists():
+            return []
+        return [json.loads(x) for x in self.usage_log.read_text().splitlines() if x.strip()]
+
+    def usage_for(self, request_id: str, timeout: float = 5.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for rec in self.usage():
+                if rec["id"] == request_id:
+                    return rec
+            time.sleep(0.05)
+        raise AssertionError(f"no usage line for {request_id}; log: {self.usage()[-5:]}")
+
+    def usage_after(self, n: int, timeout: float = 5.0) -> dict:
+        """The line written after the first n: lines land when a request has ended,
+        which can be a moment after the client has read the last byte."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lines = self.usage()
+            if len(lines) > n:
+                return lines[n]
+            time.sleep(0.02)
+        raise AssertionError(f"no usage line after {n}; log: {self.usage()[-3:]}")
+
+    def stop(self) -> int | None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode if self.proc else None
+
+
+@pytest.fixture(scope="module")
+def fake():
+    f = FakeOllama().start()
+    try:
+        yield f
+    finally:
+        f.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(fake, tmp_path_factory):
+    """One keygate for a module, in front of `fake`, with default_keys()."""
+    gw = Gateway(tmp_path_factory.mktemp("gw"), fake.url).start()
+    try:
+        yield gw
+    finally:
+        gw.stop()
+
+
+@pytest.fixture
+def make_gateway(tmp_path):
+    """Build keygates with custom settings (call .start()); all stop after the test."""
+    made: list[Gateway] = []
+
+    def make(upstream: str, **kw) -> Gateway:
+        gw = Gateway(tmp_path / f"gw{len(made)}", upstream, **kw)
+        made.append(gw)
+        return gw
+
+    yield make
+    for gw in made:
+        gw.stop()
+
+
+def copy_checkout(dest: Path) -> Path:
+    """A copy of addons/ for tests that edit gateway.py under a running mitmdump."""
+    shutil.copytree(ROOT / "addons", dest / "addons",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return dest / "addons" / "gateway.py"
