@@ -1,0 +1,307 @@
+"""scripts/channels (keygate.chantool): gateway.toml channel edits keep every other setting,
+are validated like the gateway reads them, and `test` reports status and latency."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+import tomllib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "addons") not in sys.path:
+    sys.path.insert(0, str(ROOT / "addons"))
+
+from keygate import chantool  # noqa: E402
+from keygate.config import parse_settings  # noqa: E402
+
+GATEWAY = """\
+# operator's notes: these go when tomli-w rewrites the file
+[gateway]
+keys_file = "my-keys.yaml"
+usage_log = "logs/usage.jsonl"  # a comment
+usage_log_max_mb = 2.5
+usage_log_keep = 3
+max_body_mb = 8
+upstream_timeout_s = 90
+trusted_proxies = ["10.0.0.0/8"]
+cors_origins = ["https://chat.example.com"]
+
+[[channels]]
+name = "first"
+kind = "ollama"
+base_url = "http://127.0.0.1:11434"
+models = ["llama3.2:*"]
+priority = 5
+"""
+
+
+def run(cfg: Path, *argv: str) -> int:
+    return chantool.main(["--config", str(cfg), *argv])
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Path:
+    path = tmp_path / "gateway.toml"
+    path.write_text(GATEWAY)
+    return path
+
+
+# --- add / list / remove -------------------------------------------------------------------------
+
+
+def test_add_list_remove_round_trip_keeps_gateway_settings(cfg, capsys, monkeypatch):
+    monkeypatch.setenv("KEYGATE_TEST_DS_KEY", "sk-upstream-secret")
+    gateway_before = tomllib.loads(GATEWAY)["gateway"]
+
+    assert run(cfg, "add", "ds", "--kind", "openai", "--base-url", "https://api.deepseek.com/v1",
+               "--models", "deepseek-*", "--api-key-env", "KEYGATE_TEST_DS_KEY",
+               "--priority", "1", "--weight", "2.5", "--no-stream-usage") == 0
+    err = capsys.readouterr().err
+    assert "comments" in err  # the original had comments, and tomli-w dropped them
+    assert run(cfg, "add", "alias", "--kind", "ollama", "--base-url", "http://127.0.0.1:11435",
+               "--models", "qwen2.5:7b,llama3.2:1b", "--map", "gpt-4o-mini=qwen2.5:7b",
+               "--map", "gpt-4o=llama3.2:1b,o1=qwen2.5:7b") == 0
+    assert "comments" not in capsys.readouterr().err  # nothing left to drop
+
+    doc = tomllib.loads(cfg.read_text())
+    assert doc["gateway"] == gateway_before
+    assert [c["name"] for c in doc["channels"]] == ["first", "ds", "alias"]
+    assert doc["channels"][0] == tomllib.loads(GATEWAY)["channels"][0]
+    assert doc["channels"][1] == {
+        "name": "ds", "kind": "openai", "base_url": "https://api.deepseek.com/v1",
+        "models": ["deepseek-*"], "priority": 1, "weight": 2.5,
+        "api_key_env": "KEYGATE_TEST_DS_KEY", "stream_usage": False,
+    }
+    assert doc["channels"][2]["model_map"] == {
+        "gpt-4o-mini": "qwen2.5:7b", "gpt-4o": "llama3.2:1b", "o1": "qwen2.5:7b",
+    }
+    settings = parse_settings(cfg.read_text(), cfg)  # what the gateway will read
+    assert [c.name for c in settings.channels] == ["first", "ds", "alias"]
+
+    assert run(cfg, "list") == 0
+    table = capsys.readouterr().out
+    assert "sk-upstream-secret" not in table
+    assert [line.split()[0] for line in table.splitlines()] == ["NAME", "first", "ds", "alias"]
+    assert run(cfg, "list", "--format", "json") == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[1]["api_key_env"] == "KEYGATE_TEST_DS_KEY" and rows[1]["api_key_set_here"] is True
+    assert "sk-upstream-secret" not in json.dumps(rows)
+
+    assert run(cfg, "remove", "ds") == 0
+    doc = tomllib.loads(cfg.read_text())
+    assert doc["gateway"] == gateway_before
+    assert [c["name"] for c in doc["channels"]] == ["first", "alias"]
+
+    assert run(cfg, "remove", "first") == 0
+    assert run(cfg, "remove", "alias") == 0
+    doc = tomllib.loads(cfg.read_text())
+    assert doc == {"gateway": gateway_before}  # no empty channels array left behind
+
+
+def test_add_creates_a_missing_file(tmp_path, capsys):
+    cfg = tmp_path / "conf" / "gateway.toml"
+    assert run(cfg, "add", "local", "--kind", "ollama", "--base-url", "http://127.0.0.1:11434") == 0
+    assert tomllib.loads(cfg.read_text()) == {
+        "channels": [{"name": "local", "kind": "ollama", "base_url": "http://127.0.0.1:11434"}]
+    }
+    assert "comments" not in capsys.readouterr().err
+
+
+def test_unset_api_key_env_only_warns(cfg, capsys, monkeypatch):
+    monkeypatch.delenv("KEYGATE_TEST_UNSET", raising=False)
+    assert run(cfg, "add", "cloud", "--kind", "openai", "--base-url", "https://example.com/v1",
+               "--api-key-env", "KEYGATE_TEST_UNSET") == 0
+    assert "KEYGATE_TEST_UNSET is not set" in capsys.readouterr().err
+    # ... and later edits are not blocked by it either
+    assert run(cfg, "add", "other", "--kind", "ollama", "--base-url", "http://127.0.0.1:1") == 0
+    assert run(cfg, "list") == 0
+    assert "(unset here)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["add", "first", "--kind", "ollama", "--base-url", "http://x"], 2, "already exists"),
+    (["add", "bad", "--kind", "openai", "--base-url", "ftp://example.com"], 2, "base_url"),
+    (["add", "bad", "--kind", "openai", "--base-url", "http://u:p@example.com/v1"], 2,
+     "credentials"),
+    (["add", "bad name", "--kind", "ollama", "--base-url", "http://x"], 2, "name"),
+    (["add", "bad", "--kind", "ollama", "--base-url", "http://x", "--map", "nope"], 2,
+     "ALIAS=UPSTREAM"),
+    (["add", "bad", "--kind", "ollama", "--base-url", "http://x", "--weight", "0"], 2, "weight"),
+    (["remove", "nobody"], 1, "no channel named 'nobody'"),
+    (["test", "nobody"], 1, "no channel named 'nobody'"),
+])
+def test_refusals_leave_the_file_byte_identical(cfg, capsys, argv, code, message):
+    before = cfg.read_bytes()
+    assert run(cfg, *argv) == code
+    out, err = capsys.readouterr()
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert cfg.read_bytes() == before
+    assert sorted(p.name for p in cfg.parent.iterdir()) == ["gateway.toml"]
+
+
+def test_usage_errors(cfg, capsys):
+    assert run(cfg, "add", "x", "--base-url", "http://x") == 2  # --kind missing
+    assert run(cfg, "add", "x", "--kind", "vllm", "--base-url", "http://x") == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert cfg.read_text() == GATEWAY
+    assert chantool.main(["--help"]) == 0
+    assert "comments" in capsys.readouterr().out  # --help says tomli-w drops them
+
+
+def test_list_without_channels(tmp_path, capsys):
+    assert run(tmp_path / "missing.toml", "list") == 0
+    out, err = capsys.readouterr()
+    assert out == "" and "no channels" in err
+
+
+# --- test -----------------------------------------------------------------------------------------
+
+
+class Upstream:
+    """A tiny Ollama / OpenAI look-alike on 127.0.0.1 that records what it was sent."""
+
+    def __init__(self, chat_status: int = 200):
+        self.requests: list[tuple[str, str, dict, dict | None]] = []
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _reply(self, status: int, doc: dict) -> None:
+                body = json.dumps(doc).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                upstream.requests.append(("GET", self.path, dict(self.headers), None))
+                if self.path == "/api/tags":
+                    self._reply(200, {"models": [{"name": n, "model": n} for n in
+                                                 ("llama3.2:1b", "qwen2.5:7b", "nomic-embed")]})
+                elif self.path == "/v1/models":
+                    self._reply(200, {"object": "list",
+                                      "data": [{"id": "other"}, {"id": "deepseek-chat"}]})
+                elif self.path == "/redirect/api/tags":
+                    self.send_response(302)
+                    self.send_header("Location", "http://127.0.0.2:9/steal")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                else:
+                    self._reply(404, {"error": "not found"})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                upstream.requests.append(("POST", self.path, dict(self.headers), body))
+                if upstream.chat_status != 200:
+                    error = {"error": f"model {body['model']!r} is broken"}
+                    self._reply(upstream.chat_status, error)
+                elif self.path == "/api/chat":
+                    self._reply(200, {"model": body["model"], "done": True,
+                                      "message": {"role": "assistant", "content": "H"}})
+                elif self.path == "/v1/chat/completions":
+                    self._reply(200, {"object": "chat.completion", "choices": [],
+                                      "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+                else:
+                    self._reply(404, {"error": "not found"})
+
+        self.chat_status = chat_status
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Upstream:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.server.shutdown()
+        finally:
+            self.server.server_close()
+            self.thread.join(5)
+
+
+def channel_cfg(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "gateway.toml"
+    path.write_text("[[channels]]\n" + body)
+    return path
+
+
+def test_test_ollama_channel(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("KEYGATE_TEST_OLLAMA_KEY", "sk-never-printed")
+    with Upstream() as upstream:  # stopped by __exit__, also when the test fails
+        cfg = channel_cfg(tmp_path, f'name = "local"\nkind = "ollama"\n'
+                                    f'base_url = "{upstream.url}"\nmodels = ["llama3.2:*"]\n'
+                                    'api_key_env = "KEYGATE_TEST_OLLAMA_KEY"\n'
+                                    '[channels.model_map]\n"gpt-4o-mini" = "qwen2.5:7b"\n')
+        assert run(cfg, "test", "local") == 0
+    out, err = capsys.readouterr()
+    assert "sk-never-printed" not in out + err
+    lines = out.splitlines()
+    assert "/api/tags -> 200 OK in " in lines[1] and "3 models: llama3.2:1b, qwen2.5:7b" in lines[1]
+    assert "/api/chat (model qwen2.5:7b) -> 200 OK in " in lines[2] and lines[2].endswith(" ms")
+    assert lines[-1] == "ok: channel local"
+    (m1, p1, h1, _), (m2, p2, h2, body) = upstream.requests
+    assert (m1, p1, m2, p2) == ("GET", "/api/tags", "POST", "/api/chat")
+    assert h1["Authorization"] == h2["Authorization"] == "Bearer sk-never-printed"
+    assert body == {"model": "qwen2.5:7b", "messages": [{"role": "user", "content": "hi"}],
+                    "stream": False, "options": {"num_predict": 1}}
+
+
+def test_test_openai_channel_picks_a_listed_model(tmp_path, capsys):
+    with Upstream() as upstream:
+        cfg = channel_cfg(tmp_path, f'name = "ds"\nkind = "openai"\n'
+                                    f'base_url = "{upstream.url}/v1"\n'
+                                    'models = ["deepseek-*"]\n')
+        assert run(cfg, "test", "ds") == 0
+    out = capsys.readouterr().out
+    assert "/v1/models -> 200 OK" in out and "2 models: other, deepseek-chat" in out
+    assert "(model deepseek-chat) -> 200 OK" in out
+    (_, p1, h1, _), (_, p2, _, body) = upstream.requests
+    assert (p1, p2) == ("/v1/models", "/v1/chat/completions")
+    assert "Authorization" not in h1  # no api_key_env: no credential
+    assert body == {"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 1}
+
+
+def test_test_reports_an_upstream_error(tmp_path, capsys):
+    with Upstream(chat_status=500) as upstream:
+        cfg = channel_cfg(tmp_path, f'name = "local"\nkind = "ollama"\n'
+                                    f'base_url = "{upstream.url}"\nmodels = ["llama3.2:1b"]\n')
+        assert run(cfg, "test", "local") == 1
+    out = capsys.readouterr().out
+    assert "/api/tags -> 200 OK" in out
+    assert "(model llama3.2:1b) -> 500 Internal Server Error" in out and "is broken" in out
+    assert out.splitlines()[-1] == "FAILED: channel local"
+
+
+def test_test_does_not_follow_redirects(tmp_path, capsys):
+    with Upstream() as upstream:
+        cfg = channel_cfg(tmp_path, f'name = "r"\nkind = "ollama"\n'
+                                    f'base_url = "{upstream.url}/redirect"\n'
+                                    'models = ["*"]\n')
+        assert run(cfg, "test", "r") == 1
+    out = capsys.readouterr().out
+    assert "-> 302" in out and "no model to try" in out
+    assert [r[1] for r in upstream.requests] == ["/redirect/api/tags"]
+
+
+def test_test_connection_refused(tmp_path, capsys):
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = channel_cfg(tmp_path, f'name = "down"\nkind = "ollama"\nbase_url = "http://127.0.0.1:{port}"\n'
+                                'models = ["llama3.2:1b"]\n')
+    assert run(cfg, "test", "down", "--timeout", "5") == 1
+    out = capsys.readouterr().out
+    assert out.count("connection refused") == 2
+    assert out.splitlines()[-1] == "FAILED: channel down"
