@@ -34,8 +34,18 @@ def is_cloud_model(model: str) -> bool:
     return model.endswith(":cloud") or model.endswith("-cloud")
 
 
+def with_default_tag(name: str) -> str | None:
+    """"llama3.2" is Ollama's "llama3.2:latest": the name with its default tag, or None
+    when the name already has a tag."""
+    return None if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
+
+
 def match_any(patterns: tuple[str, ...], name: str) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    """Whether a model name matches a glob; a name without a tag also matches as
+    name:latest, so "llama3.2:*" covers a request for "llama3.2"."""
+    tagged = with_default_tag(name)
+    return any(fnmatch.fnmatchcase(name, p) or (tagged is not None and fnmatch.fnmatchcase(tagged, p))
+               for p in patterns)
 
 
 @dataclass(frozen=True)
@@ -62,9 +72,7 @@ class Channel:
         if model in self.model_map:
             return True
         if is_cloud_model(model):
-            return any(
-                "cloud" in p and fnmatch.fnmatchcase(model, p) for p in self.models
-            )
+            return match_any(tuple(p for p in self.models if "cloud" in p), model)
         return match_any(self.models, model)
 
     def upstream_model(self, model: str) -> str:
