@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 for p in (ROOT / "addons", ROOT / "demo", ROOT / "tests"):
@@ -49,7 +50,7 @@ def new_secret() -> str:
 
 
 @dataclass
-class TestKey:
+class KeySpec:
     name: str
     secret: str = field(default_factory=new_secret, repr=False)
     settings: dict = field(default_factory=dict)
@@ -59,20 +60,20 @@ class TestKey:
         return {"Authorization": f"Bearer {self.secret}"}
 
 
-def default_keys() -> dict[str, TestKey]:
+def default_keys() -> dict[str, KeySpec]:
     return {k.name: k for k in [
-        TestKey("alice"),
-        TestKey("admin", settings={"scopes": ["inference", "models", "admin"]}),
-        TestKey("llama-only", settings={"models": ["llama3.2:*"]}),
-        TestKey("disabled", settings={"enabled": False}),
-        TestKey("expired", settings={"expires_at": "2020-01-01"}),
-        TestKey("elsewhere", settings={"allow_ips": ["203.0.113.0/24"]}),
-        TestKey("reader", settings={"scopes": ["models"]}),
-        TestKey("plain", settings={"plaintext": True}),
+        KeySpec("alice"),
+        KeySpec("admin", settings={"scopes": ["inference", "models", "admin"]}),
+        KeySpec("llama-only", settings={"models": ["llama3.2:*"]}),
+        KeySpec("disabled", settings={"enabled": False}),
+        KeySpec("expired", settings={"expires_at": "2020-01-01"}),
+        KeySpec("elsewhere", settings={"allow_ips": ["203.0.113.0/24"]}),
+        KeySpec("reader", settings={"scopes": ["models"]}),
+        KeySpec("plain", settings={"plaintext": True}),
     ]}
 
 
-def keys_yaml(keys: dict[str, TestKey]) -> str:
+def keys_yaml(keys: dict[str, KeySpec]) -> str:
     import hashlib
 
     doc = {}
@@ -83,13 +84,14 @@ def keys_yaml(keys: dict[str, TestKey]) -> str:
         else:
             entry["key_sha256"] = hashlib.sha256(k.secret.encode()).hexdigest()
         doc[k.name] = entry
-    return "# test keys\n" + json.dumps({"keys": doc}, indent=2) + "\n"  # JSON is YAML
+    return "# test keys\n" + yaml.safe_dump({"keys": doc}, default_flow_style=False,
+                                          sort_keys=False)
 
 
 class Gateway:
     """A real `mitmdump -s addons/gateway.py` in front of an upstream."""
 
-    def __init__(self, workdir: Path, upstream: str, keys: dict[str, TestKey] | None = None,
+    def __init__(self, workdir: Path, upstream: str, keys: dict[str, KeySpec] | None = None,
                  gateway_toml: str = "", script: Path | None = None, env: dict | None = None,
                  cwd: Path | None = None, pass_config: bool = True):
         self.dir = workdir
@@ -114,7 +116,7 @@ class Gateway:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def key(self, name: str) -> TestKey:
+    def key(self, name: str) -> KeySpec:
         return self.keys[name]
 
     def start(self, wait: bool = True) -> "Gateway":

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import Gateway, TestKey, copy_checkout, keys_yaml
+from conftest import Gateway, KeySpec, copy_checkout, keys_yaml
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False}
 
@@ -34,7 +34,7 @@ def test_keys_reload_add_revoke_and_break(fake, make_gateway):
     assert chat(gw, alice.secret).status_code == 200
 
     # A new key, written by rename as editors and scripts/keys do.
-    bob = TestKey("bob")
+    bob = KeySpec("bob")
     keys = {**gw.keys, "bob": bob}
     tmp = gw.keys_file.with_suffix(".tmp")
     tmp.write_text(keys_yaml(keys))
@@ -44,7 +44,7 @@ def test_keys_reload_add_revoke_and_break(fake, make_gateway):
     assert time.monotonic() - t0 < 2.5
 
     # Revoked in place.
-    keys["bob"] = TestKey("bob", bob.secret, {"enabled": False})
+    keys["bob"] = KeySpec("bob", bob.secret, {"enabled": False})
     gw.keys_file.write_text(keys_yaml(keys))
     assert eventually(lambda: chat(gw, bob.secret).status_code == 401)
 
@@ -144,7 +144,7 @@ def test_mitmdump_runs_from_any_directory(fake, tmp_path):
     """`mitmdump -s addons/gateway.py`, relative path, no options: the checkout's config/."""
     root = copy_checkout(tmp_path / "checkout").parents[1]
     (root / "config").mkdir()
-    alice = TestKey("alice")
+    alice = KeySpec("alice")
     (root / "config" / "keys.yaml").write_text(keys_yaml({"alice": alice}))
     gw = Gateway(tmp_path / "gw", fake.url, script=Path("addons/gateway.py"), cwd=root,
                  pass_config=False)

@@ -195,9 +195,9 @@ def recount(lines: list[dict], key: str) -> tuple[int, int]:
 def test_counters_survive_restart(fake, tmp_path, how):
     """A quota is the log: after a restart (graceful or kill -9) a key is refused exactly
     when a recount of the log says its quota is used up."""
-    from conftest import TestKey, default_keys
+    from conftest import KeySpec, default_keys
     keys = default_keys()
-    budget = TestKey("budget", settings={"limits": {"tokens_total": 40, "requests_per_day": 100}})
+    budget = KeySpec("budget", settings={"limits": {"tokens_total": 40, "requests_per_day": 100}})
     keys["budget"] = budget
     gw = Gateway(tmp_path, fake.url, keys=keys).start()
     body = {"model": "llama3.2", "prompt": "a b c", "stream": False}  # 3 + 5 tokens
