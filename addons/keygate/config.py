@@ -129,6 +129,10 @@ def parse_settings(text: str, path: Path, environ: Mapping[str, str] = os.enviro
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
+        # "Invalid value (at line 2, column 15)" -> "gateway.toml:2: Invalid value (column 15)"
+        m = re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", str(e))
+        if m:
+            raise ConfigError(f"{path}:{m[2]}: {m[1]} (column {m[3]})") from e
         raise ConfigError(f"{path}: {e}") from e
     where = _Locator(text, path)
 
@@ -314,6 +318,9 @@ class _Locator:
                 if seen == index:
                     n = i
                     break
+
+        if n is None:  # channels = [...] written inline: point at that line
+            n = self._line_of(r"^\s*channels\s*=")
 
         def make(msg: str) -> ConfigError:
             return ConfigError(f"{self.path}:{n + 1}: {msg}" if n is not None else f"{self.path}: {msg}")

@@ -57,4 +57,6 @@ class Cors:
             h = flow.response.headers
             h["access-control-allow-origin"] = origin
             h["access-control-expose-headers"] = EXPOSE_HEADERS
-            h["vary"] = "Origin"
+            vary = [v.strip() for v in h.get("vary", "").split(",") if v.strip()]
+            if not any(v.lower() == "origin" for v in vary):
+                h["vary"] = ", ".join([*vary, "Origin"])

@@ -72,7 +72,8 @@ def classify(method: str, path: str) -> Endpoint | None:
     if ep is not None:
         return ep
     if path.startswith("/v1/models/") and method == "GET":
-        return MODEL if _MODEL_SEGMENT.fullmatch(path[11:]) else None
+        name = path[11:]
+        return MODEL if _MODEL_SEGMENT.fullmatch(name) and name not in (".", "..") else None
     if path.startswith("/api/blobs/") and _DIGEST.fullmatch(path[11:]):
         if method == "HEAD":
             return BLOB_HEAD

@@ -76,8 +76,8 @@ class Key:
 
 @dataclass(frozen=True)
 class KeyRing:
-    by_digest: dict[bytes, Key]
-    by_name: dict[str, Key]
+    by_digest: dict[bytes, Key] = field(repr=False)
+    by_name: dict[str, Key] = field(repr=False)
 
     def lookup(self, secret: str) -> Key | None:
         return self.by_digest.get(digest(secret))
@@ -111,16 +111,18 @@ def parse_keys(text: str, path: Path | str) -> KeyRing:
 
     def err(msg: str, m: Any = None, k: Any = None) -> ConfigError:
         line = getattr(m, "lines", {}).get(k) if m is not None else None
-        return ConfigError(f"{path}:{line}: {msg}" if line else f"{path}: {msg}")
+        return ConfigError(f"{path}:{line}: {msg}" if line and line > 0 else f"{path}: {msg}")
 
     if doc is None:
         return EMPTY
     # Besides `keys:`, only `x-...` entries are allowed: a place for YAML anchors that
     # entries merge in (`<<: *defaults`), as docker-compose files do.
-    if not isinstance(doc, dict) or any(
-            k != "keys" and not (isinstance(k, str) and k.startswith("x-")) for k in doc):
-        raise err("the file must be a mapping with the entry 'keys:' "
-                  "(and optionally x-... entries for YAML anchors)")
+    if not isinstance(doc, dict):
+        raise err("the file must be a mapping with the entry 'keys:'")
+    for k in doc:
+        if k != "keys" and not (isinstance(k, str) and k.startswith("x-")):
+            raise err(f"unknown entry {k!r}: the file holds 'keys:' (and optionally x-... "
+                      "entries for YAML anchors)", doc, k)
     entries = doc.get("keys") or {}
     if not isinstance(entries, dict):
         raise err("'keys' must map key names to their settings", doc, "keys")
@@ -198,7 +200,7 @@ def _parse_key(name: str, spec: Any, err) -> Key:
         nets = []
         for cidr in raw:
             try:
-                nets.append(ipaddress.ip_network(str(cidr), strict=False))
+                nets.append(_unmapped(ipaddress.ip_network(str(cidr), strict=False)))
             except ValueError as e:
                 raise err(f"allow_ips: {e}", "allow_ips") from None
         allow_ips = tuple(nets)
@@ -220,6 +222,15 @@ def _parse_key(name: str, spec: Any, err) -> Key:
         limits = Limits(**values)
 
     return Key(name, d, enabled, expires_at, models, scopes, allow_ips, limits)
+
+
+def _unmapped(net: IPNetwork) -> IPNetwork:
+    """::ffff:203.0.113.0/120 is 203.0.113.0/24: client addresses are compared unmapped."""
+    if net.version == 6 and net.prefixlen >= 96:
+        mapped = net.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}")
+    return net
 
 
 def parse_when(value: Any) -> dt.datetime:

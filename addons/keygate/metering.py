@@ -26,6 +26,9 @@ log = logging.getLogger("keygate")
 
 STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 _SSE_SEP = re.compile(rb"\r?\n\r?\n")
+# A native line worth parsing when nothing is being edited: the final chunk with the
+# counts, an error, or the end of a progress stream. Other lines pass unparsed.
+_NATIVE_END = re.compile(rb'"done"\s*:\s*true|"error"\s*:|"status"\s*:\s*"success"')
 
 
 @dataclass
@@ -108,13 +111,15 @@ class StreamMeter:
         # stream with nothing sent: whatever goes wrong, the data goes on.
         if self.broken:
             return data
+        held = self.pending
         try:
             return self._feed(data)
         except Exception:
             log.exception("keygate: could not read a streamed response; passing it through")
             self.broken = True
-            rest, self.pending = self.pending, b""
-            return rest + data if self.edits else data
+            self.pending = b""
+            # What was held back from earlier chunks goes out first, then this chunk whole.
+            return held + data if self.edits else data
 
     def _feed(self, data: bytes) -> bytes | list[bytes]:
         buf = self.pending + data
@@ -155,8 +160,7 @@ class StreamMeter:
         line = frame.strip()
         if not line:
             return frame
-        interesting = (b'"done":true' in line or line.startswith(b'{"error"')
-                       or b'"status":"success"' in line)
+        interesting = _NATIVE_END.search(line) is not None
         if not interesting and not self.edits:
             return frame
         doc = json.loads(line)

@@ -34,6 +34,21 @@ def keep_alive_is_disruptive(value: object) -> bool:
     return False
 
 
+# Fields keygate reads or removes. Ollama decodes bodies with Go's encoding/json, which
+# matches field names case-insensitively: "MODEL" would be Ollama's model while keygate
+# checked "model". Bodies that spell these any other way are refused.
+INSPECTED = frozenset({"model", "name", "stream", "stream_options", "keep_alive",
+                       "_debug_render_only"})
+
+
+def miscased_field(doc: dict) -> str | None:
+    """The first top-level field that is an inspected name in other letter case."""
+    for k in doc:
+        if k not in INSPECTED and isinstance(k, str) and k.lower() in INSPECTED:
+            return k
+    return None
+
+
 def body_model(doc: dict, kind: str) -> object:
     """The model a body names; /api/show still honours the deprecated `name`."""
     model = doc.get("model")
@@ -104,6 +119,11 @@ class Policy:
             return
         if not isinstance(doc, dict):
             refuse(flow, "invalid_request", "Request body must be a JSON object.")
+            return
+        odd = miscased_field(doc)
+        if odd is not None:
+            refuse(flow, "invalid_request",
+                   f"Field names are case-sensitive here: write {odd.lower()!r}, not {odd!r}.")
             return
         model = body_model(doc, ep.kind)
         if not isinstance(model, str) or not model:

@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import time
+from urllib.parse import quote
 
 from mitmproxy import http
 
@@ -124,6 +125,12 @@ class Router:
                        f"No upstream serves the model '{model}'{where}." if model
                        else "No upstream is configured for this endpoint.")
                 return
+
+        upstream_model = channel.upstream_model(model) if channel and model else model
+        flow.metadata["keygate.upstream_model"] = upstream_model
+        if channel:
+            if ep.kind == "model" and upstream_model != model:
+                path = "/v1/models/" + quote(upstream_model, safe=":@")
             flow.request.scheme = channel.scheme
             flow.request.host = channel.host
             flow.request.port = channel.port
@@ -131,9 +138,6 @@ class Router:
             flow.metadata["keygate.channel"] = channel.name
             if channel.api_key:
                 flow.request.headers["authorization"] = f"Bearer {channel.api_key}"
-
-        upstream_model = channel.upstream_model(model) if channel and model else model
-        flow.metadata["keygate.upstream_model"] = upstream_model
         if doc is not None:
             if upstream_model != model:
                 if "model" in doc or "name" not in doc:
