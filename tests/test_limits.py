@@ -1,0 +1,443 @@
+"""keygate/limits.py: per-key rate limits and quotas with an injected clock (SPEC 5, 7)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mitmproxy import http
+from mitmproxy.flow import Error
+from mitmproxy.test import taddons
+
+from keygate.keys import Limits as KeyLimits
+from keygate.limits import (
+    WINDOW,
+    Limits,
+    RollingWindow,
+    retry_after,
+    seconds_to_utc_midnight,
+    utc_day,
+)
+from keygate_unit import make_config, make_flow
+
+
+def at(text: str) -> float:
+    """A UTC moment as a timestamp: at("2026-03-01T23:59:30")."""
+    return dt.datetime.fromisoformat(text).replace(tzinfo=dt.timezone.utc).timestamp()
+
+
+T0 = at("2026-03-01T12:00:00")
+
+
+class Clock:
+    def __init__(self, t: float = T0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class FakeLedger:
+    """What the usage log says: requests and tokens per key and UTC day, tokens in total."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str], int] = defaultdict(int)
+        self.tokens: dict[tuple[str, str], int] = defaultdict(int)
+        self.total: dict[str, int] = defaultdict(int)
+        self.asked: list[tuple] = []
+
+    def requests_on(self, key: str, day: str) -> int:
+        self.asked.append(("requests_on", key, day))
+        return self.requests[(key, day)]
+
+    def tokens_on(self, key: str, day: str) -> int:
+        self.asked.append(("tokens_on", key, day))
+        return self.tokens[(key, day)]
+
+    def tokens_total(self, key: str) -> int:
+        self.asked.append(("tokens_total", key))
+        return self.total[key]
+
+
+class FakeUsage:
+    def __init__(self) -> None:
+        self.ledger = FakeLedger()
+
+
+def make_limits(clock: Clock | None = None, keys: dict | None = None) -> Limits:
+    config = make_config(keys=keys or {"k": {}})
+    return Limits(config, FakeUsage(), clock=clock or Clock())
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.mark.parametrize("seconds, header", [
+    (0, "1"), (0.001, "1"), (0.5, "1"), (1, "1"), (1.0001, "2"), (57, "57"), (57.4, "58"),
+    (59.999, "60"), (86400, "86400"),
+])
+def test_retry_after_is_whole_seconds_rounded_up(seconds, header):
+    assert retry_after(seconds) == header
+
+
+@pytest.mark.parametrize("now, seconds, day", [
+    ("2026-03-01T12:00:00", 43200, "2026-03-01"),
+    ("2026-03-01T23:59:30", 30, "2026-03-01"),
+    ("2026-03-01T00:00:00", 86400, "2026-03-01"),
+    ("2026-12-31T23:00:00", 3600, "2026-12-31"),
+    ("2028-02-28T23:59:59", 1, "2028-02-28"),
+])
+def test_utc_midnight_and_day(now, seconds, day):
+    assert seconds_to_utc_midnight(at(now)) == pytest.approx(seconds)
+    assert utc_day(at(now)) == day
+
+
+# --------------------------------------------------------------------------- RollingWindow
+
+
+def test_rolling_window_basics():
+    w = RollingWindow()
+    w.add(0.0)
+    w.add(10.0, 5)
+    w.add(20.0, 0)  # nothing to remember
+    assert w.total == 6 and len(w.events) == 2
+    w.expire(59.9)
+    assert w.total == 6
+    w.expire(60.0)  # the event at 0 is now 60 s old: out of the window
+    assert w.total == 5
+    assert w.wait_below(5, 60.0) == pytest.approx(10.0)
+    assert w.wait_below(6, 60.0) == 0.0
+    w.expire(70.0)
+    assert w.total == 0 and not w.events
+
+
+def ref_total(events: list[tuple[int, int]], now: int) -> int:
+    return sum(a for t, a in events if t > now - WINDOW)
+
+
+def ref_wait(events: list[tuple[int, int]], limit: int, now: int) -> float:
+    """The earliest moment, from now on, at which the window total is below `limit`."""
+    live = [(t, a) for t, a in events if t > now - WINDOW]
+    if sum(a for _, a in live) < limit:
+        return 0.0
+    for t in sorted({t for t, _ in live}):
+        if sum(a for u, a in live if u > t) < limit:
+            return max(0.0, t + WINDOW - now)
+    return WINDOW  # a limit of 0 never opens
+
+
+ops = st.lists(
+    st.tuples(st.integers(0, 45),  # time step
+              st.one_of(st.tuples(st.just("add"), st.integers(0, 50)),
+                        st.tuples(st.just("check"), st.integers(0, 120)))),
+    max_size=80)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=ops)
+def test_rolling_window_against_a_reference_model(ops):
+    w = RollingWindow()
+    events: list[tuple[int, int]] = []
+    now = 0
+    for step, (op, n) in ops:
+        now += step
+        w.expire(now)
+        assert w.total == ref_total(events, now)
+        if op == "add":
+            w.add(now, n)
+            events.append((now, n))
+        else:
+            wait = w.wait_below(n, now)
+            assert wait == ref_wait(events, n, now)
+            if n > 0 and wait < WINDOW:
+                # And it really is below the limit then.
+                assert ref_total(events, now + wait) < n
+        assert w.total == ref_total(events, now)
+
+
+# --------------------------------------------------------------------------- check: rpm
+
+
+def test_rpm_refuses_exactly_the_rpm_plus_first():
+    clock = Clock()
+    lim = make_limits(clock, keys={"k": {"limits": {"rpm": 3}}})
+    limits = KeyLimits(rpm=3)
+    for i in range(3):
+        clock.t = T0 + i
+        assert lim.check("k", limits, clock.t) is None
+        lim.admit("k", clock.t)
+        lim.finish("k", 0, clock.t)
+    clock.t = T0 + 3
+    code, message, wait = lim.check("k", limits, clock.t)
+    assert code == "rate_limit_exceeded"
+    assert "3 requests per minute" in message
+    assert retry_after(wait) == "57"  # the request at T0 leaves the window at T0 + 60
+    clock.t = T0 + 59.5
+    assert retry_after(lim.check("k", limits, clock.t)[2]) == "1"
+    clock.t = T0 + 60
+    assert lim.check("k", limits, clock.t) is None
+
+
+def test_rpm_refused_requests_count_for_nothing():
+    clock = Clock()
+    lim = make_limits(clock, keys={"k": {"limits": {"rpm": 2}}})
+    limits = KeyLimits(rpm=2)
+    for _ in range(2):
+        lim.admit("k", clock.t)
+    for i in range(50):  # hammering while refused does not push the window on
+        clock.t = T0 + i
+        assert lim.check("k", limits, clock.t) is not None
+    clock.t = T0 + 60
+    assert lim.check("k", limits, clock.t) is None
+    lim.admit("k", clock.t)
+    assert lim.check("k", limits, clock.t) is None  # one of two used
+    lim.admit("k", clock.t)
+    assert lim.check("k", limits, clock.t) is not None
+
+
+def test_rpm_window_rolls_over():
+    clock = Clock()
+    lim = make_limits(clock, keys={"k": {"limits": {"rpm": 2}}})
+    limits = KeyLimits(rpm=2)
+    admitted = []
+    for second in range(0, 300):
+        clock.t = T0 + second
+        if lim.check("k", limits, clock.t) is None:
+            lim.admit("k", clock.t)
+            lim.finish("k", 0, clock.t)
+            admitted.append(second)
+    # Two per rolling minute: at 0, 1, then 60, 61, 120, 121 ...
+    assert admitted == [0, 1, 60, 61, 120, 121, 180, 181, 240, 241]
+    for a, b in zip(admitted, admitted[2:]):
+        assert b - a >= 60
+
+
+def test_rpm_is_per_key():
+    lim = make_limits(keys={"a": {"limits": {"rpm": 1}}, "b": {"limits": {"rpm": 1}}})
+    limits = KeyLimits(rpm=1)
+    lim.admit("a", T0)
+    assert lim.check("a", limits, T0) is not None
+    assert lim.check("b", limits, T0) is None
+
+
+# --------------------------------------------------------------------------- tpm, concurrent
+
+
+def test_tpm():
+    clock = Clock()
+    lim = make_limits(clock, keys={"k": {"limits": {"tpm": 100}}})
+    limits = KeyLimits(tpm=100)
+    assert lim.check("k", limits, clock.t) is None
+    lim.admit("k", clock.t)
+    lim.finish("k", 60, clock.t)
+    clock.t = T0 + 1
+    assert lim.check("k", limits, clock.t) is None  # 60 used: below the limit
+    lim.admit("k", clock.t)
+    lim.finish("k", 50, clock.t)  # the request that crosses the quota completes
+    clock.t = T0 + 2
+    code, message, wait = lim.check("k", limits, clock.t)  # ... the next is refused
+    assert code == "rate_limit_exceeded" and "100 tokens per minute" in message
+    assert retry_after(wait) == "58"  # at T0 + 60 the 60 tokens leave: 50 < 100
+    clock.t = T0 + 60
+    assert lim.check("k", limits, clock.t) is None
+
+
+def test_tpm_exactly_at_the_limit_is_refused():
+    lim = make_limits(keys={"k": {"limits": {"tpm": 100}}})
+    lim.admit("k", T0)
+    lim.finish("k", 100, T0)
+    assert lim.check("k", KeyLimits(tpm=100), T0 + 1) is not None
+    assert lim.check("k", KeyLimits(tpm=101), T0 + 1) is None
+
+
+def test_concurrent():
+    lim = make_limits()
+    limits = KeyLimits(concurrent=2)
+    lim.admit("k", T0)
+    lim.admit("k", T0)
+    code, message, wait = lim.check("k", limits, T0)
+    assert code == "rate_limit_exceeded" and "in flight" in message
+    assert retry_after(wait) == "1"
+    lim.finish("k", 0, T0)
+    assert lim.check("k", limits, T0) is None
+    lim.finish("k", 0, T0)
+    assert lim.inflight.get("k", 0) == 0
+
+
+# --------------------------------------------------------------------------- quotas
+
+
+@pytest.mark.parametrize("now, header", [
+    ("2026-03-01T12:00:00", "43200"), ("2026-03-01T23:59:30", "30"),
+    ("2026-03-01T23:59:59.500", "1"), ("2026-03-01T00:00:01", "86399"),
+])
+def test_requests_per_day(now, header):
+    clock = Clock(at(now))
+    lim = make_limits(clock)
+    limits = KeyLimits(requests_per_day=5)
+    ledger = lim.usage.ledger
+    ledger.requests[("k", "2026-03-01")] = 4
+    assert lim.check("k", limits, clock.t) is None
+    assert ("requests_on", "k", "2026-03-01") in ledger.asked
+    lim.admit("k", clock.t)  # the fifth, in flight: not in the log yet, counted all the same
+    code, message, wait = lim.check("k", limits, clock.t)
+    assert code == "insufficient_quota" and "5 per UTC day" in message
+    assert retry_after(wait) == header
+    ledger.requests[("k", "2026-03-01")] = 5
+    lim.finish("k", 0, clock.t)
+    assert lim.check("k", limits, clock.t) is not None
+    clock.t = at("2026-03-02T00:00:00")  # a new UTC day
+    assert lim.check("k", limits, clock.t) is None
+
+
+def test_tokens_per_day():
+    clock = Clock(at("2026-03-01T22:00:00"))
+    lim = make_limits(clock)
+    limits = KeyLimits(tokens_per_day=1000)
+    ledger = lim.usage.ledger
+    ledger.tokens[("k", "2026-03-01")] = 999
+    assert lim.check("k", limits, clock.t) is None
+    ledger.tokens[("k", "2026-03-01")] = 1000
+    code, message, wait = lim.check("k", limits, clock.t)
+    assert code == "insufficient_quota" and "1000 per UTC day" in message
+    assert retry_after(wait) == "7200"
+    ledger.tokens[("k", "2026-02-28")] = 10 ** 9  # other days do not matter
+    clock.t = at("2026-03-02T00:00:00")
+    assert lim.check("k", limits, clock.t) is None
+
+
+def test_tokens_total_has_no_retry_after():
+    lim = make_limits()
+    limits = KeyLimits(tokens_total=50)
+    lim.usage.ledger.total["k"] = 49
+    assert lim.check("k", limits, T0) is None
+    lim.usage.ledger.total["k"] = 50
+    code, message, wait = lim.check("k", limits, T0)
+    assert code == "insufficient_quota" and "50 tokens in total" in message
+    assert wait is None
+    assert lim.check("k", limits, T0 + 10 * 86400) is not None  # it never resets
+
+
+def test_no_limits_no_questions():
+    lim = make_limits()
+    assert lim.check("k", KeyLimits(), T0) is None
+    assert lim.usage.ledger.asked == []
+
+
+# --------------------------------------------------------------------------- the addon
+
+
+def admitted(key: str = "k", path: str = "/api/chat") -> http.HTTPFlow:
+    f = make_flow("POST", path, body={"model": "m"})
+    f.metadata.update({"keygate.key": key, "keygate.admitted": True, "keygate.channel": "local",
+                       "keygate.upstream_model": "m", "keygate.model": "m"})
+    return f
+
+
+def finish(lim: Limits, f: http.HTTPFlow, tokens: int = 0) -> None:
+    f.response = http.Response.make(200, b"{}", {"content-type": "application/json"})
+    f.metadata["keygate.total_tokens"] = tokens
+    lim.responseheaders(f)
+    lim.response(f)
+
+
+def test_addon_rpm_refusal():
+    clock = Clock()
+    lim = make_limits(clock, keys={"k": {"limits": {"rpm": 2}}})
+    with taddons.context():
+        for _ in range(2):
+            f = admitted()
+            lim.request(f)
+            assert f.response is None
+            assert f.metadata["keygate.admitted"] is True
+            finish(lim, f)
+            assert f.response.headers["x-ratelimit-limit-requests"] == "2"
+        assert f.response.headers["x-ratelimit-remaining-requests"] == "0"
+        clock.t += 10
+        f = admitted()
+        lim.request(f)
+    assert f.response.status_code == 429
+    assert f.response.headers["x-keygate-error"] == "rate_limit_exceeded"
+    assert f.response.headers["retry-after"] == "50"
+    # Not forwarded after all: it must not look routed.
+    for k in ("keygate.admitted", "keygate.channel", "keygate.upstream_model"):
+        assert k not in f.metadata
+    assert "keygate.counted" not in f.metadata
+
+
+def test_addon_concurrent_and_release_on_error():
+    lim = make_limits(keys={"k": {"limits": {"concurrent": 1}}})
+    with taddons.context():
+        first = admitted()
+        lim.request(first)
+        assert first.response is None
+        second = admitted()
+        lim.request(second)
+        assert second.response.status_code == 429
+        assert second.response.headers["retry-after"] == "1"
+        first.error = Error("client disconnected")
+        lim.error(first)  # the stream broke: the slot is free again
+        third = admitted()
+        lim.request(third)
+        assert third.response is None
+        finish(lim, third)
+        finish(lim, third)  # a second end hook must not free a slot twice
+    assert lim.inflight.get("k", 0) == 0
+
+
+def test_addon_tpm_from_finished_requests():
+    clock = Clock()
+    lim = make_limits(clock, keys={"k": {"limits": {"tpm": 100}}})
+    with taddons.context():
+        f = admitted()
+        lim.request(f)
+        finish(lim, f, tokens=150)
+        assert f.response.headers["x-ratelimit-limit-tokens"] == "100"
+        clock.t += 5
+        f = admitted()
+        lim.request(f)
+    assert f.response.status_code == 429
+    assert f.response.headers["retry-after"] == "55"
+
+
+def test_addon_quota_refusals():
+    clock = Clock(at("2026-03-01T23:00:00"))
+    lim = make_limits(clock, keys={"d": {"limits": {"tokens_per_day": 10}},
+                                   "t": {"limits": {"tokens_total": 10}}})
+    lim.usage.ledger.tokens[("d", "2026-03-01")] = 10
+    lim.usage.ledger.total["t"] = 11
+    with taddons.context():
+        fd, ft = admitted("d", "/v1/chat/completions"), admitted("t", "/v1/messages")
+        lim.request(fd)
+        lim.request(ft)
+    assert fd.response.status_code == ft.response.status_code == 429
+    assert fd.response.headers["x-keygate-error"] == "insufficient_quota"
+    assert fd.response.headers["retry-after"] == "3600"
+    assert fd.response.json()["error"]["code"] == "insufficient_quota"
+    assert ft.response.headers["x-keygate-error"] == "insufficient_quota"
+    assert "retry-after" not in ft.response.headers
+    assert ft.response.json()["type"] == "error"
+
+
+def test_addon_ignores_flows_it_should_not_count():
+    lim = make_limits(keys={"k": {"limits": {"rpm": 0}}, "free": {}})
+    with taddons.context():
+        refused = admitted()
+        del refused.metadata["keygate.admitted"]  # refused earlier: counts for nothing
+        lim.request(refused)
+        assert refused.response is None
+        answered = admitted()
+        answered.response = http.Response.make(403)
+        lim.request(answered)
+        assert answered.response.status_code == 403
+        free = admitted("free")
+        lim.request(free)
+        assert free.response is None
+        assert "x-ratelimit-limit-requests" not in free.metadata.get("keygate.ratelimit", {})
+        gone = admitted("nobody")  # dropped from keys.yaml meanwhile
+        lim.request(gone)
+        assert gone.response is None
+    assert lim.requests == {} or all(w.total == 0 for w in lim.requests.values())
