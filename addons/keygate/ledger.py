@@ -34,6 +34,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import date, timedelta
+from functools import cached_property
 from pathlib import Path
 from typing import Any, BinaryIO, Mapping
 
@@ -220,6 +221,12 @@ class Segment:
         return {"head": self.head, "offset": self.offset, "tail": self.tail, "bad": self.bad,
                 **self.tally.to_json()}
 
+    @cached_property
+    def json_text(self) -> str:
+        # Serialised once: the sidecar is rewritten every few seconds, but only the live
+        # file's segment changes; with many keys the rotated ones are most of the text.
+        return json.dumps(self.to_json(), separators=(",", ":"), ensure_ascii=False)
+
     @classmethod
     def from_json(cls, doc: Any, window: int) -> Segment:
         head, offset, tail, bad = doc["head"], doc["offset"], doc["tail"], doc["bad"]
@@ -314,11 +321,11 @@ def read_sidecar(path: Path, window: int) -> dict[str, Segment]:
 
 def write_sidecar(path: Path, segments: list[Segment], window: int) -> None:
     """Replace the sidecar atomically: a reader sees the old or the new one, never a mix."""
-    doc = {"version": SIDECAR_VERSION, "window_days": window,
-           "files": [s.to_json() for s in segments]}
+    text = (f'{{"version":{SIDECAR_VERSION},"window_days":{window},"files":['
+            + ",".join(s.json_text for s in segments) + "]}")
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_bytes(json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode())
+        tmp.write_bytes(text.encode("utf-8", "backslashreplace"))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -379,7 +386,10 @@ class Ledger:
         log_path = Path(log_path)
         ledger = cls(window_days)
         ledger._log_path, ledger._keep = log_path, keep
-        known = read_sidecar(sidecar_path(log_path), window_days) if use_cache else {}
+        known = {}
+        if use_cache:
+            _remove_stale_temps(sidecar_path(log_path))
+            known = read_sidecar(sidecar_path(log_path), window_days)
         summaries = _survey(log_path, keep, known, window_days)
         for s in summaries:
             ledger._tally.merge(s.tally)
@@ -418,6 +428,29 @@ class Ledger:
             write_sidecar(path, list(segments.values()), self._window)
         except OSError as e:
             log.warning("keygate: cannot write usage ledger cache %s: %s", path, e)
+
+
+def _remove_stale_temps(sidecar: Path) -> None:
+    """Temp files of sidecar writes that a kill -9 interrupted. Another live process (the
+    gateway, while `scripts/keys list` loads a ledger) may be writing its own: keep those."""
+    try:
+        for p in sidecar.parent.glob(sidecar.name + ".*.tmp"):
+            pid = p.name[len(sidecar.name) + 1:-len(".tmp")]
+            if pid.isdigit() and _alive(int(pid)):  # ours too: a checkpoint may be writing
+                continue
+            p.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def _survey(log_path: Path, keep: int, known: Mapping[str, Segment],

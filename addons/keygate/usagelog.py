@@ -434,6 +434,8 @@ class UsageWriter:
                 self._file.retarget(item)
             elif isinstance(item, _Stop):
                 stop = item
+            else:
+                log.error("keygate: usage log: ignoring %r, not a record", type(item).__name__)
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:

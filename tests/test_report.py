@@ -1,0 +1,324 @@
+"""scripts/usage (keygate.report): grouping, time filters, formats, rotated files, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+import types
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "addons"))
+
+from keygate import report  # noqa: E402
+from keygate.report import (  # noqa: E402
+    Row,
+    Totals,
+    aggregate,
+    canonical,
+    format_table,
+    main,
+    parse_by,
+    parse_when,
+    record_ts,
+)
+from keygate.usagelog import encode, rotated_name  # noqa: E402
+
+NOW = datetime(2026, 11, 26, 12, 0, 0, 500_000, tzinfo=timezone.utc)
+
+
+def rec(ts: str, key="alice", model="llama3.2", channel="local", error=None,
+        prompt=1, completion=2, total=None) -> dict:
+    return {"ts": ts, "id": f"req_{ts}", "key": key, "status": 200, "error": error,
+            "method": "POST", "path": "/api/chat", "model": model, "upstream_model": model,
+            "channel": channel, "stream": False, "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion if total is None else total,
+            "duration_ms": 1.0, "client_ip": "127.0.0.1", "completed": True}
+
+
+RECORDS = [
+    rec("2026-11-24T10:00:00.000Z", prompt=10, completion=5),
+    rec("2026-11-25T10:00:00.000Z", key="bob", model="qwen2.5:7b", prompt=100, completion=50),
+    rec("2026-11-25T23:59:59.999Z", error="upstream_error", prompt=0, completion=0),
+    rec("2026-11-26T00:00:00.000Z", key=None, model=None, channel=None,
+        error="invalid_api_key", prompt=0, completion=0),
+    rec("2026-11-26T11:45:00.000Z", model="qwen2.5:7b", prompt=7, completion=3),
+]
+
+
+@pytest.fixture
+def log(tmp_path) -> Path:
+    """RECORDS spread over two rotated files and the live one, with a torn last line."""
+    p = tmp_path / "logs" / "usage.jsonl"
+    p.parent.mkdir()
+    rotated_name(p, 2).write_bytes(encode(RECORDS[0]))
+    rotated_name(p, 1).write_bytes(encode(RECORDS[1]) + encode(RECORDS[2]))
+    torn = encode(rec("2026-11-26T11:59:00.000Z"))[:50]
+    p.write_bytes(encode(RECORDS[3]) + encode(RECORDS[4]) + torn)
+    return p
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("30m", NOW - timedelta(minutes=30)),
+    ("24h", NOW - timedelta(hours=24)),
+    ("7d", NOW - timedelta(days=7)),
+    ("90s", NOW - timedelta(seconds=90)),
+    ("2w", NOW - timedelta(days=14)),
+    ("2026-11-25", datetime(2026, 11, 25, tzinfo=timezone.utc)),
+    ("2026-11-25T08:30", datetime(2026, 11, 25, 8, 30, tzinfo=timezone.utc)),
+    ("2026-11-25T08:30:00Z", datetime(2026, 11, 25, 8, 30, tzinfo=timezone.utc)),
+    ("2026-11-25T10:30:00+02:00", datetime(2026, 11, 25, 8, 30, tzinfo=timezone.utc)),
+])
+def test_parse_when(text, expected):
+    assert parse_when(text, NOW) == expected
+
+
+@pytest.mark.parametrize("text", ["yesterday", "30", "5y", "2026-13-01", "-3d", ""])
+def test_parse_when_rejects(text):
+    with pytest.raises(ValueError, match="duration like 30m"):
+        parse_when(text, NOW)
+
+
+def test_parse_by():
+    assert parse_by(["key,model", "day", "key"]) == ("key", "model", "day")
+    assert parse_by([]) == ()
+    assert parse_by(["channel,"]) == ("channel",)
+    with pytest.raises(ValueError, match="cannot group by 'status'"):
+        parse_by(["key,status"])
+
+
+def test_canonical_rounds_up_to_the_millisecond():
+    assert canonical(datetime(2026, 1, 2, 3, 4, 5, 123_000, tzinfo=timezone.utc)) == \
+        "2026-01-02T03:04:05.123Z"
+    assert canonical(datetime(2026, 1, 2, 3, 4, 5, 123_001, tzinfo=timezone.utc)) == \
+        "2026-01-02T03:04:05.124Z"
+    assert canonical(datetime(2026, 1, 2, 23, 59, 59, 999_500, tzinfo=timezone.utc)) == \
+        "2026-01-03T00:00:00.000Z"
+
+
+@pytest.mark.parametrize("ts, expected", [
+    ("2026-11-26T22:42:26.123Z", "2026-11-26T22:42:26.123Z"),
+    ("2026-11-26T23:42:26.123+01:00", "2026-11-26T22:42:26.123Z"),
+    ("2026-11-26T22:42:26", "2026-11-26T22:42:26.000Z"),
+    ("junk", None),
+    (None, None),
+])
+def test_record_ts(ts, expected):
+    assert record_ts({"ts": ts}) == expected
+
+
+# --------------------------------------------------------------------------- counting
+
+
+def test_aggregate_without_groups_is_one_row():
+    (row,) = aggregate(RECORDS, ())
+    assert row == Row((), Totals(requests=5, prompt_tokens=117, completion_tokens=58,
+                                 total_tokens=175, errors=2))
+    assert aggregate([], ()) == [Row((), Totals())]
+    assert aggregate([], ("key",)) == []
+
+
+def test_aggregate_by_key_and_day():
+    rows = aggregate(RECORDS, ("key", "day"))
+    assert [(r.group, r.totals.requests, r.totals.total_tokens, r.totals.errors)
+            for r in rows] == [
+        ((None, "2026-11-26"), 1, 0, 1),
+        (("alice", "2026-11-24"), 1, 15, 0),
+        (("alice", "2026-11-25"), 1, 0, 1),
+        (("alice", "2026-11-26"), 1, 10, 0),
+        (("bob", "2026-11-25"), 1, 150, 0),
+    ]
+
+
+@pytest.mark.parametrize("by, groups", [
+    (("model",), [(None,), ("llama3.2",), ("qwen2.5:7b",)]),
+    (("channel", "model"), [(None, None), ("local", "llama3.2"), ("local", "qwen2.5:7b")]),
+    (("day",), [("2026-11-24",), ("2026-11-25",), ("2026-11-26",)]),
+])
+def test_aggregate_groups(by, groups):
+    rows = aggregate(RECORDS, by)
+    assert [r.group for r in rows] == groups
+    assert sum(r.totals.requests for r in rows) == 5
+
+
+def test_since_inclusive_until_exclusive():
+    def n(since, until):
+        return aggregate(RECORDS, (), since, until)[0].totals.requests
+
+    assert n("2026-11-25T10:00:00.000Z", None) == 4
+    assert n(None, "2026-11-25T10:00:00.000Z") == 1
+    assert n("2026-11-25T10:00:00.000Z", "2026-11-26T00:00:00.000Z") == 2
+    assert n("2026-11-27T00:00:00.000Z", None) == 0
+
+
+def test_records_without_a_time_are_counted_only_when_no_window_is_asked():
+    rs = [{"key": "a"}, {"ts": "garbage", "key": "a"}]
+    assert aggregate(rs, ())[0].totals.requests == 2
+    assert aggregate(rs, (), "2000-01-01T00:00:00.000Z", None)[0].totals.requests == 0
+
+
+def test_odd_values_do_not_break_counting():
+    rs = [{"ts": "2026-11-26T00:00:00.000Z", "key": ["x"], "model": 5, "total_tokens": "9",
+           "prompt_tokens": True, "error": 0}]
+    (row,) = aggregate(rs, ("key", "model"))
+    assert row.group == ('["x"]', "5")
+    assert row.totals == Totals(requests=1, errors=1)
+
+
+def test_table_layout():
+    rows = aggregate(RECORDS, ("key",))
+    lines = format_table(rows, ("key",)).splitlines()
+    assert lines[0].split() == ["key", "requests", "prompt_tokens", "completion_tokens",
+                                "total_tokens", "errors"]
+    assert lines[1].split() == ["-", "1", "0", "0", "0", "1"]
+    assert lines[-1].split() == ["TOTAL", "5", "117", "58", "175", "2"]
+    ends = {len(line) for line in lines}
+    assert len(ends) == 1  # right-aligned numbers: every line ends in the same column
+    assert lines[1].index("1") == lines[0].index("requests") + len("requests") - 1
+
+
+def test_table_thousands_and_no_groups():
+    rows = [Row((), Totals(requests=1234567, total_tokens=5))]
+    lines = format_table(rows, ()).splitlines()
+    assert len(lines) == 2 and lines[1].split() == ["TOTAL", "1,234,567", "0", "0", "5", "0"]
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_reads_rotated_files_and_skips_the_torn_line(capsys, log):
+    code, out, err = run(capsys, "--log", str(log), "--format", "json")
+    assert code == 0
+    assert json.loads(out) == [{"requests": 5, "prompt_tokens": 117, "completion_tokens": 58,
+                                "total_tokens": 175, "errors": 2}]
+    assert "skipped 1 line of" in err
+
+
+def test_json_groups_keep_nulls(capsys, log):
+    code, out, _ = run(capsys, "--log", str(log), "--by", "key", "--by", "model",
+                       "--format", "json")
+    rows = json.loads(out)
+    assert rows[0] == {"key": None, "model": None, "requests": 1, "prompt_tokens": 0,
+                       "completion_tokens": 0, "total_tokens": 0, "errors": 1}
+    assert [(r["key"], r["model"]) for r in rows] == [
+        (None, None), ("alice", "llama3.2"), ("alice", "qwen2.5:7b"), ("bob", "qwen2.5:7b")]
+
+
+def test_toml_omits_nulls(capsys, log):
+    code, out, _ = run(capsys, "--log", str(log), "--by", "key,channel", "--format", "toml")
+    doc = tomllib.loads(out)
+    assert doc["rows"][0] == {"requests": 1, "prompt_tokens": 0, "completion_tokens": 0,
+                              "total_tokens": 0, "errors": 1}
+    assert doc["rows"][1]["key"] == "alice" and doc["rows"][1]["channel"] == "local"
+    assert "TOML has no null" in report.build_parser().format_help()
+
+
+def test_table_with_filters(capsys, log, monkeypatch):
+    code, out, _ = run(capsys, "--log", str(log), "--since", "2026-11-25",
+                       "--until", "2026-11-26T00:00:00Z", "--by", "day")
+    lines = out.splitlines()
+    assert lines[1].split() == ["2026-11-25", "2", "100", "50", "150", "1"]
+    assert lines[2].split() == ["TOTAL", "2", "100", "50", "150", "1"]
+    assert len(lines) == 3
+
+
+def test_relative_since_counts_back_from_now(capsys, tmp_path):
+    p = tmp_path / "usage.jsonl"
+    now = datetime.now(timezone.utc)
+    ago = [canonical(now - timedelta(minutes=m)) for m in (5, 50, 500)]
+    p.write_bytes(b"".join(encode(rec(ts)) for ts in ago))
+    _, out, _ = run(capsys, "--log", str(p), "--since", "1h", "--format", "json")
+    assert json.loads(out)[0]["requests"] == 2
+
+
+def test_missing_log_is_an_empty_report(capsys, tmp_path):
+    code, out, err = run(capsys, "--log", str(tmp_path / "none" / "usage.jsonl"), "--by", "key")
+    assert code == 0 and err == ""
+    assert out.splitlines()[-1].split() == ["TOTAL", "0", "0", "0", "0", "0"]
+    _, out, _ = run(capsys, "--log", str(tmp_path / "none.jsonl"), "--by", "key",
+                    "--format", "json")
+    assert json.loads(out) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--since", "yesterday"], "'yesterday' is neither a duration"),
+    (["--by", "status"], "cannot group by 'status'"),
+    (["--format", "csv"], "invalid choice: 'csv'"),
+    (["--since", "2026-11-26", "--until", "2026-11-25"], "--since is after --until"),
+    (["--frobnicate"], "unrecognized arguments"),
+])
+def test_user_errors_are_one_line(capsys, tmp_path, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["--log", str(tmp_path / "u.jsonl"), *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("usage: error:")
+
+
+def _fake_config(monkeypatch, usage_log: Path | None = None, error: str | None = None):
+    mod = types.ModuleType("keygate.config")
+
+    class ConfigError(ValueError):
+        pass
+
+    def load_settings(path):
+        if error:
+            raise ConfigError(error)
+        mod.seen = path
+        return types.SimpleNamespace(usage_log=usage_log, usage_log_max_bytes=1, usage_log_keep=3)
+
+    mod.ConfigError, mod.load_settings = ConfigError, load_settings
+    monkeypatch.setitem(sys.modules, "keygate.config", mod)
+    return mod
+
+
+def test_config_names_the_log(capsys, monkeypatch, log):
+    mod = _fake_config(monkeypatch, usage_log=log)
+    _, out, _ = run(capsys, "--config", "/etc/kg/gateway.toml", "--format", "json")
+    assert mod.seen == "/etc/kg/gateway.toml"
+    assert json.loads(out)[0]["requests"] == 5
+
+
+def test_bad_config_is_one_line(capsys, monkeypatch):
+    _fake_config(monkeypatch, error="gateway.toml:3: usage_log_keep must be a number")
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", "x.toml"])
+    assert exc.value.code == 2
+    assert "gateway.toml:3: usage_log_keep must be a number" in capsys.readouterr().err
+
+
+def test_python_m_and_the_script_wrapper(tmp_path, log):
+    # scripts/usage sources scripts/lib/env.sh (which may install into .venv); run it in a
+    # copy whose env.sh only sets what the real one exports.
+    (tmp_path / "kg" / "scripts" / "lib").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "usage", tmp_path / "kg" / "scripts" / "usage")
+    (tmp_path / "kg" / "scripts" / "lib" / "env.sh").write_text(
+        f'KEYGATE_PY="{sys.executable}"\nPYTHONPATH="{ROOT / "addons"}"\nexport PYTHONPATH\n')
+    assert os.access(ROOT / "scripts" / "usage", os.X_OK)
+    out = subprocess.run([str(tmp_path / "kg" / "scripts" / "usage"), "--log", str(log),
+                          "--by", "channel"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1].split() == ["TOTAL", "5", "117", "58", "175", "2"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "addons"))
+    out = subprocess.run([sys.executable, "-m", "keygate.report", "--log", str(log),
+                          "--since", "nonsense"], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
