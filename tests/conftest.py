@@ -135,6 +135,7 @@ class Gateway:
             self.wait_for(r"listening at .*:(\d+)")
             self.port = int(re.search(r"listening at .*:(\d+)", self.output).group(1))
             self.wait_for(r"keygate: config ")
+            self.wait_for(r"keygate: usage counters rebuilt")
         return self
 
     def _read(self) -> None:

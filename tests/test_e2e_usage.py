@@ -258,3 +258,42 @@ def test_unwritable_log_keeps_serving_and_recovers(fake, tmp_path):
     h.close()
     gw.stop()
     assert stat.S_ISREG(gw.usage_log.stat().st_mode)
+
+
+def test_serves_while_counters_load_and_quota_keys_wait(fake, tmp_path):
+    """A long log without its cache: keygate serves at once; a key with a quota waits
+    until the counters are rebuilt, then is judged by them."""
+    from conftest import KeySpec, default_keys
+    keys = default_keys()
+    budget = KeySpec("budget", settings={"limits": {"tokens_total": 1000}})
+    keys["budget"] = budget
+    gw = Gateway(tmp_path, fake.url, keys=keys)
+    gw.usage_log.parent.mkdir(parents=True)
+    line = json.dumps({
+        "ts": "2026-01-01T00:00:00.000Z", "id": "req_x", "key": "other", "status": 200,
+        "error": None, "method": "POST", "path": "/api/chat", "model": "m",
+        "upstream_model": "m", "channel": None, "stream": False, "prompt_tokens": 1,
+        "completion_tokens": 1, "total_tokens": 2, "duration_ms": 1.0,
+        "client_ip": "127.0.0.1", "completed": True}, separators=(",", ":")) + "\n"
+    spent = line.replace('"key":"other"', '"key":"budget"').replace(
+        '"total_tokens":2', '"total_tokens":1000')
+    with gw.usage_log.open("w") as f:
+        f.write(line * 150_000 + spent)
+    gw.start(wait=False)
+    try:
+        gw.wait_for(r"listening at .*:(\d+)")
+        gw.port = int(gw.wait_for(r"listening at .*:(\d+)").rsplit(":", 1)[1].split(".")[0])
+        gw.wait_for(r"keygate: config ")
+        body = {"model": "llama3.2", "prompt": "x", "stream": False}
+        r = httpx.post(gw.url + "/api/generate", json=body, headers=gw.key("alice").auth,
+                       timeout=30)
+        assert r.status_code == 200
+        loaded_before_alice = "usage counters rebuilt" in gw.output
+        r = httpx.post(gw.url + "/api/generate", json=body, headers=budget.auth, timeout=60)
+        assert "usage counters rebuilt" in gw.output
+        assert r.status_code == 429 and r.headers["x-keygate-error"] == "insufficient_quota"
+        print("alice served before the counters were loaded:", not loaded_before_alice)
+    finally:
+        gw.stop()
+    ids = [rec["id"] for rec in gw.usage()[150_001:]]
+    assert len(ids) == 2 and len(set(ids)) == 2  # both requests logged, once each

@@ -12,6 +12,7 @@ import datetime as dt
 import math
 import time
 from collections import deque
+from collections.abc import Awaitable
 
 from mitmproxy import http
 
@@ -74,7 +75,7 @@ class Limits:
         self.tokens: dict[str, RollingWindow] = {}
         self.inflight: dict[str, int] = {}
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if flow.response or flow.error or not flow.live:
             return
         if not flow.metadata.get("keygate.admitted") or flow.metadata.get("keygate.counted"):
@@ -83,7 +84,27 @@ class Limits:
         key = self.config.state.keys.by_name.get(name)
         if key is None:
             return
-        verdict = self.check(name, key.limits, self.clock())
+        lim = key.limits
+        ready = getattr(self.usage, "ready", None)
+        if ready is not None and not ready.is_set() and (
+                lim.requests_per_day is not None or lim.tokens_per_day is not None
+                or lim.tokens_total is not None):
+            # Quotas need the counters rebuilt from the log: this key waits for them
+            # (only at start-up; keys without quotas are served meanwhile).
+            return self._after_ready(flow, ready)
+        self._admit_or_refuse(flow, name, lim)
+
+    async def _after_ready(self, flow: http.HTTPFlow, ready) -> None:
+        await ready.wait()
+        if flow.response or flow.error or not flow.live:
+            return
+        name = flow.metadata.get("keygate.key")
+        key = self.config.state.keys.by_name.get(name)
+        if key is not None:
+            self._admit_or_refuse(flow, name, key.limits)
+
+    def _admit_or_refuse(self, flow: http.HTTPFlow, name: str, lim: KeyLimits) -> None:
+        verdict = self.check(name, lim, self.clock())
         if verdict is not None:
             code, message, wait = verdict
             # Not forwarded after all: it must not look routed in the log.
@@ -94,12 +115,13 @@ class Limits:
             return
         self.admit(name, self.clock())
         flow.metadata["keygate.counted"] = True
-        flow.metadata["keygate.ratelimit"] = self.headers(name, key.limits)
+        flow.metadata["keygate.ratelimit"] = self.headers(name, lim)
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         # Streamed uploads are admitted at headers time; count them all the same.
         if flow.request.stream and flow.metadata.get("keygate.admitted"):
-            self.request(flow)
+            return self.request(flow)
+        return None
 
     def check(self, name: str, lim: KeyLimits, now: float) -> tuple[str, str, float | None] | None:
         """None to admit, else (error code, message, Retry-After seconds or None)."""

@@ -9,6 +9,7 @@ here, in memory, from the same record, so quotas see what the log says.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import secrets
@@ -92,18 +93,50 @@ class Usage:
         self.config = config
         self.writer: UsageWriter | None = None
         self.ledger = Ledger()
+        # Set once the counters are rebuilt from the log; until then lines are held here.
+        self.ready = asyncio.Event()
+        self._held: list[dict] | None = []
+        self._loading: asyncio.Task | None = None
         self._log_settings: tuple | None = None
 
     def running(self) -> None:
         s = self.config.state.settings
-        t0 = time.monotonic()
-        self.ledger = Ledger.load(s.usage_log, s.usage_log_keep)
-        log.info("keygate: usage counters rebuilt from %s in %.2f s",
-                 s.usage_log, time.monotonic() - t0)
         self._log_settings = (s.usage_log, s.usage_log_max_bytes, s.usage_log_keep)
-        self.writer = UsageWriter(*self._log_settings)
+        if self._loading is None and self.writer is None:
+            self._loading = asyncio.get_running_loop().create_task(self._load())
+
+    async def _load(self) -> None:
+        """Rebuild the counters in a thread while keygate already serves. The writer starts
+        only afterwards, so the files read are exactly the old lines and everything
+        since is added here once: counters equal a recount of the log."""
+        path, max_bytes, keep = self._log_settings
+        t0 = time.monotonic()
+        try:
+            ledger = await asyncio.to_thread(Ledger.load, path, keep)
+        except Exception:
+            log.exception("keygate: could not rebuild usage counters from %s; quotas start "
+                          "from zero", path)
+            ledger = Ledger()
+        held, self._held = self._held or [], None
+        for record in held:
+            ledger.add(record)
+        self.ledger = ledger
+        self.writer = UsageWriter(path, max_bytes, keep, checkpoint=ledger.checkpoint)
+        for record in held:
+            self.writer.write(record)
+        self.ready.set()
+        log.info("keygate: usage counters rebuilt from %s in %.2f s", path, time.monotonic() - t0)
 
     def done(self) -> None:
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+        if self.writer is None and self._held:
+            # Stopped while still loading: the held lines must not be lost.
+            path, max_bytes, keep = self._log_settings
+            self.writer = UsageWriter(path, max_bytes, keep)
+            for record in self._held:
+                self.writer.write(record)
+            self._held = None
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -136,11 +169,14 @@ class Usage:
         flow.metadata["keygate.logged"] = True
         flow.metadata.setdefault("keygate.id", new_request_id())
         record = build_record(flow, time.time())
-        self.ledger.add(record)
         writer = self.writer
         if writer is None:
-            log.error("keygate: usage log not open; lost record %s", record["id"])
+            if self._held is not None:
+                self._held.append(record)  # counted and written once the ledger is loaded
+            else:
+                log.error("keygate: usage log not open; lost record %s", record["id"])
             return
+        self.ledger.add(record)
         s = self.config.state.settings
         wanted = (s.usage_log, s.usage_log_max_bytes, s.usage_log_keep)
         if wanted != self._log_settings:
