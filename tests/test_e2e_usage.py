@@ -297,3 +297,24 @@ def test_serves_while_counters_load_and_quota_keys_wait(fake, tmp_path):
         gw.stop()
     ids = [rec["id"] for rec in gw.usage()[150_001:]]
     assert len(ids) == 2 and len(set(ids)) == 2  # both requests logged, once each
+
+
+def test_sigterm_lets_streams_in_flight_finish(fake, tmp_path):
+    gw = Gateway(tmp_path, fake.url).start()
+    fake.chunk_delay = 0.4
+    try:
+        with httpx.stream("POST", gw.url + "/api/chat", headers=gw.key("alice").auth,
+                          timeout=20, json={"model": "llama3.2",
+                                            "messages": [{"role": "user", "content": P}]}) as r:
+            lines = r.iter_lines()
+            next(lines)
+            gw.proc.terminate()  # SIGTERM with four chunks still to come
+            rest = [json.loads(x) for x in lines if x]
+        assert rest[-1]["done"] is True
+        assert gw.proc.wait(15) == 0
+    finally:
+        fake.chunk_delay = 0.0
+        gw.stop()
+    rec = gw.usage()[-1]
+    assert rec["completed"] is True and rec["completion_tokens"] == 5
+    assert "waiting up to 8 s for the requests in flight (1)" in gw.output

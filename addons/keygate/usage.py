@@ -15,15 +15,21 @@ import logging
 import secrets
 import time
 
-from mitmproxy import http
+from collections.abc import Awaitable
+
+from mitmproxy import ctx, http
 
 from .configuration import Config
+from .errors import refuse
 from .ledger import Ledger
 from .usagelog import UsageWriter
 
 log = logging.getLogger("keygate")
 
 ID_HEADER = "x-keygate-request-id"
+# How long a stopping keygate lets requests in flight finish: inside Docker's default
+# 10 s stop timeout (systemd's is 90 s).
+DRAIN_SECONDS = 8.0
 
 
 def new_request_id() -> str:
@@ -98,6 +104,8 @@ class Usage:
         self._held: list[dict] | None = []
         self._loading: asyncio.Task | None = None
         self._log_settings: tuple | None = None
+        self._inflight: set[str] = set()
+        self.draining = False
 
     def running(self) -> None:
         s = self.config.state.settings
@@ -127,7 +135,30 @@ class Usage:
         self.ready.set()
         log.info("keygate: usage counters rebuilt from %s in %.2f s", path, time.monotonic() - t0)
 
-    def done(self) -> None:
+    def done(self) -> Awaitable[None] | None:
+        master = getattr(ctx, "master", None)
+        stopping = master is not None and master.should_exit.is_set()
+        if stopping and self._inflight:
+            # mitmdump is stopping (SIGTERM, Ctrl-C): give requests in flight, streams
+            # above all, a bounded time to finish, refusing new ones meanwhile. mitmproxy
+            # awaits what a done hook returns when it shuts down; on a script reload it does
+            # not, so only this path returns a coroutine.
+            return self._drain_then_close()
+        self._close()
+        return None
+
+    async def _drain_then_close(self) -> None:
+        self.draining = True
+        log.info("keygate: stopping; waiting up to %.0f s for the requests in flight (%d)",
+                 DRAIN_SECONDS, len(self._inflight))
+        deadline = time.monotonic() + DRAIN_SECONDS
+        while self._inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._inflight:
+            log.warning("keygate: %d requests still in flight at exit", len(self._inflight))
+        self._close()
+
+    def _close(self) -> None:
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
         if self.writer is None and self._held:
@@ -145,6 +176,9 @@ class Usage:
         # Runs for every request, refused ones included: they get an id and a line too.
         flow.metadata.setdefault("keygate.id", new_request_id())
         flow.metadata["keygate.seen"] = True
+        self._inflight.add(flow.id)
+        if self.draining and not flow.response:
+            refuse(flow, "gateway_unavailable", "The gateway is shutting down.")
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         # Streamed responses leave with these headers, before the response hook.
@@ -164,6 +198,7 @@ class Usage:
                 "keygate.id", new_request_id())
 
     def _finish(self, flow: http.HTTPFlow) -> None:
+        self._inflight.discard(flow.id)
         if flow.metadata.get("keygate.logged"):
             return
         flow.metadata["keygate.logged"] = True
