@@ -387,7 +387,7 @@ def test_show(oll, http):
 def test_admin_endpoints(fake, http, oll):
     progress = list(oll.pull("tinyllama", stream=True))
     assert progress[0].status == "pulling manifest" and progress[-1].status == "success"
-    assert http.get("/api/tags").json()["models"][0]["name"] == "tinyllama"  # newest first
+    assert http.get("/api/tags").json()["models"][0]["name"] == "tinyllama:latest"  # newest first, tag filled in
     assert http.post("/api/pull", json={"model": "x:1b", "stream": False}).json() == {"status": "success"}
     status, headers, chunks = raw(fake, "POST", "/api/push", {"model": "tinyllama"})
     assert headers["content-type"] == "application/x-ndjson" and ndjson_lines(chunks)[-1] == {"status": "success"}
