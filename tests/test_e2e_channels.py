@@ -247,7 +247,7 @@ def test_refused_connection_fails_over(make_gateway):
         body = {"model": "llama3.2", "prompt": "hi", "stream": False}
         first = h.post(gw.url + "/api/generate", json=body)
         assert first.status_code == 502
-        rec = gw.usage()[-1]
+        rec = gw.usage_after(0)
         assert rec["status"] == 502 and rec["error"] == "upstream_error"
         assert rec["channel"] == "primary" and rec["completed"] is False
         for _ in range(3):
@@ -273,4 +273,24 @@ def test_channel_edit_is_reloaded(make_gateway):
                 break
             time.sleep(0.05)
         assert local.requests[-1].json["model"] == "qwen2.5:7b"
+        h.close()
+
+
+def test_upstream_timeout_gives_up_and_cools_the_channel(make_gateway):
+    with FakeOllama() as slow, FakeOllama() as backup:
+        toml = "upstream_timeout_s = 1\n" + failover_toml(slow.url, backup.url)
+        gw = make_gateway("http://127.0.0.1:9", gateway_toml=toml).start()
+        slow.fail = "stall"
+        body = {"model": "llama3.2", "prompt": "hi", "stream": False}
+        h = httpx.Client(timeout=30, headers=gw.key("alice").auth)
+        t0 = time.monotonic()
+        r = h.post(gw.url + "/api/generate", json=body)
+        waited = time.monotonic() - t0
+        assert r.status_code == 502 and 0.9 < waited < 5
+        rec = gw.usage_after(0)
+        assert rec["error"] == "upstream_timeout" and rec["status"] == 502
+        assert rec["channel"] == "primary" and rec["completed"] is False
+        # the stalled channel is cooling: the next request is served by the backup
+        assert h.post(gw.url + "/api/generate", json=body).status_code == 200
+        assert len(backup.requests) == 1
         h.close()

@@ -10,13 +10,14 @@ marks it admitted; the fail-closed guard refuses anything not so marked.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import random
 import time
 from urllib.parse import quote
 
-from mitmproxy import http
+from mitmproxy import ctx, http
 
 from . import endpoints
 from .config import Channel
@@ -91,6 +92,7 @@ class Router:
         self.config = config
         self.health = Health()
         self.rng = rng or random.Random()
+        self._timers: dict[str, asyncio.TimerHandle] = {}
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         # Blob uploads stream their body: they leave before the request hook.
@@ -159,9 +161,42 @@ class Router:
 
         flow.request.headers.pop("origin", None)
         flow.metadata["keygate.admitted"] = True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # called outside mitmproxy's event loop: nothing to time
+            return
+        timeout = self.config.state.settings.upstream_timeout
+        self._timers[flow.id] = loop.call_later(timeout, self._expire, flow, timeout)
+
+    def _expire(self, flow: http.HTTPFlow, timeout: float) -> None:
+        """No response headers within upstream_timeout_s: give up on the upstream.
+
+        mitmproxy has no such timeout and no hook while it waits, so keygate closes the
+        upstream connection itself. mitmproxy then answers the client with its own 502
+        (it cannot be made to send a 504); the usage line says upstream_timeout."""
+        self._timers.pop(flow.id, None)
+        if flow.response is not None or flow.error is not None or not flow.live:
+            return
+        proxyserver = ctx.master.addons.get("proxyserver")
+        handler = proxyserver.connections.get(flow.client_conn.id) if proxyserver else None
+        if handler is None or flow.server_conn not in handler.transports:
+            return
+        flow.metadata["keygate.error"] = "upstream_timeout"
+        log.warning("keygate: no response headers from %s within %.0f s; giving up",
+                    flow.metadata.get("keygate.channel") or flow.request.host, timeout)
+        handler.close_connection(flow.server_conn)
+
+    def _disarm(self, flow: http.HTTPFlow) -> None:
+        timer = self._timers.pop(flow.id, None)
+        if timer is not None:
+            timer.cancel()
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._disarm(flow)  # refused after admission (limits): never forwarded
 
     # Channel health: failures seen by the meter and the usage log feed the cooldown.
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self._disarm(flow)
         name = flow.metadata.get("keygate.channel")
         if name and flow.response is not None:
             if flow.response.status_code >= 500:
@@ -172,6 +207,7 @@ class Router:
                 self.health.success(name)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        self._disarm(flow)
         name = flow.metadata.get("keygate.channel")
         client_left = flow.error is not None and "client" in flow.error.msg.lower()
         if name and flow.response is None and not client_left:

@@ -53,7 +53,9 @@ def build_record(flow: http.HTTPFlow, now: float) -> dict:
     elif client_gone(flow):
         status = 499  # nothing was sent: the client left first (nginx's convention)
     else:
-        status = 504 if error == "upstream_timeout" else 502
+        # mitmproxy answered with its own 502 (upstream unreachable, reset, or closed by
+        # keygate after upstream_timeout_s).
+        status = 502
         error = error or "upstream_error"
     streamed = bool(md.get("keygate.stream")) and flow.response is not None and bool(
         flow.response.stream)
