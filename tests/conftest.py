@@ -157,7 +157,8 @@ class Gateway:
                 time.sleep(0.2)  # let the reader thread drain
                 if not any(rx.search(x) for x in self.lines[after:]):
                     raise AssertionError(
-                        f"mitmdump exited ({self.proc.returncode}) before {pattern!r}:\n{self.output}")
+                        f"mitmdump exited ({self.proc.returncode}) before {pattern!r}:\n"
+                        + self.output)
             time.sleep(0.05)
         raise AssertionError(f"timed out waiting for {pattern!r}:\n{self.output}")
 

@@ -242,7 +242,8 @@ def test_failover_cooldown_and_recovery(make_gateway):
 def test_refused_connection_fails_over(make_gateway):
     with FakeOllama() as backup:
         dead = "http://127.0.0.1:9"  # discard port: nothing listens
-        gw = make_gateway("http://127.0.0.1:9", gateway_toml=failover_toml(dead, backup.url)).start()
+        toml = failover_toml(dead, backup.url)
+        gw = make_gateway("http://127.0.0.1:9", gateway_toml=toml).start()
         h = httpx.Client(timeout=10, headers=gw.key("alice").auth)
         body = {"model": "llama3.2", "prompt": "hi", "stream": False}
         first = h.post(gw.url + "/api/generate", json=body)

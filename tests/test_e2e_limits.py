@@ -81,7 +81,8 @@ def test_concurrent_limit_with_held_streams(fake, make_gateway):
     try:
         for c in clients:
             cm = c.stream("POST", gw.url + "/api/chat", headers=gw.key("lim").auth,
-                          json={"model": "llama3.2", "messages": [{"role": "user", "content": "x"}]})
+                          json={"model": "llama3.2",
+                                "messages": [{"role": "user", "content": "x"}]})
             r = cm.__enter__()
             lines = r.iter_lines()
             next(lines)  # the stream is open and held by the upstream

@@ -15,7 +15,6 @@ import httpx
 import pytest
 
 from conftest import Gateway
-from fakeollama import count_tokens
 
 P = "one two three four"
 

@@ -44,9 +44,9 @@ from .keytool import (
     load_gateway,
     locked,
     note,
-    quiet_stdout,
     read_text,
     reason,
+    run_cli,
     tool_environ,
     write_atomic,
 )
@@ -445,24 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # usage errors (2) and --help (0), already printed by argparse
-        return e.code if isinstance(e.code, int) else 2
-    try:
-        return args.func(args)
-    except UserError as e:
-        note(PROG, str(e))
-        return e.code
-    except BrokenPipeError:
-        quiet_stdout()
-        return 1
-    except OSError as e:
-        note(PROG, f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e))
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_cli(build_parser(), argv, PROG)
 
 
 if __name__ == "__main__":

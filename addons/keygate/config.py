@@ -44,8 +44,8 @@ def match_any(patterns: tuple[str, ...], name: str) -> bool:
     """Whether a model name matches a glob; a name without a tag also matches as
     name:latest, so "llama3.2:*" covers a request for "llama3.2"."""
     tagged = with_default_tag(name)
-    return any(fnmatch.fnmatchcase(name, p) or (tagged is not None and fnmatch.fnmatchcase(tagged, p))
-               for p in patterns)
+    names = (name,) if tagged is None else (name, tagged)
+    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
 
 
 @dataclass(frozen=True)
@@ -217,7 +217,8 @@ def _parse_channels(raw: Any, where: "_Locator", environ: Mapping[str, str]) -> 
             raise at(f"channel #{i + 1} must be a table")
         name = ch.get("name")
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-            raise at(f"channel #{i + 1}: name must be letters, digits, '.', '_' or '-', not {name!r}")
+            raise at(f"channel #{i + 1}: name must be letters, digits, '.', '_' or '-', "
+                     f"not {name!r}")
         label = f"channel {name!r}"
         if name in seen:
             raise at(f"{label}: duplicate channel name")
@@ -290,6 +291,11 @@ def _parse_channels(raw: Any, where: "_Locator", environ: Mapping[str, str]) -> 
     return tuple(out)
 
 
+def _located(path: Path, index: int | None, msg: str) -> ConfigError:
+    """An error at 0-based line `index` of `path` (or of the file as a whole)."""
+    return ConfigError(f"{path}:{index + 1}: {msg}" if index is not None else f"{path}: {msg}")
+
+
 class _Locator:
     """Finds the line a TOML setting sits on, for error messages (tomllib keeps no positions)."""
 
@@ -308,7 +314,7 @@ class _Locator:
         n = None
         if key:
             n = self._line_of(rf"^\s*(\[+\s*)?{re.escape(key)}\b")
-        return ConfigError(f"{self.path}:{n + 1}: {msg}" if n is not None else f"{self.path}: {msg}")
+        return _located(self.path, n, msg)
 
     def channel(self, index: int):
         seen, n = -1, None
@@ -323,6 +329,6 @@ class _Locator:
             n = self._line_of(r"^\s*channels\s*=")
 
         def make(msg: str) -> ConfigError:
-            return ConfigError(f"{self.path}:{n + 1}: {msg}" if n is not None else f"{self.path}: {msg}")
+            return _located(self.path, n, msg)
 
         return make

@@ -54,4 +54,5 @@ def make_error(
 
 
 def refuse(flow: http.HTTPFlow, code: str, message: str, **headers: str) -> None:
-    flow.response = make_error(flow, code, message, {k.replace("_", "-"): v for k, v in headers.items()})
+    names = {k.replace("_", "-"): v for k, v in headers.items()}
+    flow.response = make_error(flow, code, message, names)

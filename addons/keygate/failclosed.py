@@ -42,7 +42,8 @@ class FailClosed:
     def _refuse(self, flow: http.HTTPFlow) -> None:
         if flow.request.method in ("GET", "HEAD") and flow.request.path.split("?")[0] == "/":
             body = b"" if flow.request.method == "HEAD" else b"keygate is running\n"
-            flow.response = http.Response.make(200, body, {"content-type": "text/plain; charset=utf-8"})
+            flow.response = http.Response.make(
+                200, body, {"content-type": "text/plain; charset=utf-8"})
         else:
             flow.response = make_error(
                 flow, "gateway_unavailable",

@@ -834,8 +834,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None, prog: str) -> int:
+    """Parse, run the chosen command, and turn user errors into one line and a status."""
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # usage errors (2) and --help (0), already printed by argparse
@@ -843,16 +843,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        note("keys", str(e))
+        note(prog, str(e))
         return e.code
     except BrokenPipeError:  # `keys list | head`: not an error worth a message
         quiet_stdout()
         return 1
     except OSError as e:
-        note("keys", f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e))
+        note(prog, f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e))
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), argv, "keys")
 
 
 if __name__ == "__main__":

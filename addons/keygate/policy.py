@@ -127,7 +127,8 @@ class Policy:
             return
         model = body_model(doc, ep.kind)
         if not isinstance(model, str) or not model:
-            refuse(flow, "invalid_request", "The request body must name a model (\"model\": string).")
+            refuse(flow, "invalid_request",
+                   "The request body must name a model (\"model\": string).")
             return
         flow.metadata["keygate.model"] = model
         key = self.config.state.keys.by_name.get(flow.metadata.get("keygate.key"))

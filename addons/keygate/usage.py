@@ -14,7 +14,6 @@ import datetime as dt
 import logging
 import secrets
 import time
-
 from collections.abc import Awaitable
 
 from mitmproxy import ctx, http
@@ -37,7 +36,8 @@ def new_request_id() -> str:
 
 
 def iso_ms(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    t = dt.datetime.fromtimestamp(ts, dt.timezone.utc)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
 
 
 def client_gone(flow: http.HTTPFlow) -> bool:
