@@ -8,6 +8,7 @@ secrets one by one, and a `Key` holds only the digest: its repr, the log and
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import ipaddress
 import re
@@ -17,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from . import blockyaml
+from .blockyaml import Lined
 from .config import ConfigError, match_any
 
 SCOPES = ("inference", "models", "admin")
@@ -89,26 +92,131 @@ class KeyRing:
 EMPTY = KeyRing({}, {})
 
 
-def load_keys(path: Path) -> KeyRing:
+def load_keys(path: Path, cache: "EntryCache | None" = None) -> KeyRing:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from e
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text: {e}") from e
-    return parse_keys(text, path)
+    return parse_keys(text, path, cache)
 
 
-def parse_keys(text: str, path: Path | str) -> KeyRing:
+class EntryCache:
+    """Parsed entries of the last keys.yaml read, by their exact text.
+
+    A reload of a 10,000-key file then parses only the entries that changed: the rest
+    is a dictionary lookup. It holds only what the file itself holds (digests, never a
+    presented secret), and only the entries of the latest read."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, Key] = {}
+
+
+_HEADER = re.compile(r"(?:[ \t]*(?:#[^\n]*)?\n)*keys:[ \t]*(?:#[^\n]*)?\n")
+
+
+def parse_keys(text: str, path: Path | str, cache: EntryCache | None = None) -> KeyRing:
+    """keys.yaml's text -> KeyRing, or ConfigError naming file, line and problem."""
+    if cache is not None:
+        ring = _parse_by_entry(text, cache)
+        if ring is not None:
+            return ring
+    # The plain block style that scripts/keys writes is read by a fast reader; anything
+    # else by PyYAML. Both give the same document (tests/test_blockyaml.py).
+    doc = blockyaml.load(text)
+    if doc is None:
+        doc = _yaml_load(text, path)
+    ring = _build(doc, path)
+    if cache is not None:
+        cache.entries = {}  # the next read starts the per-entry cache afresh
+    return ring
+
+
+def _parse_by_entry(text: str, cache: EntryCache) -> KeyRing | None:
+    """The common case, fast: `keys:` then entries in block style, each entry parsed on
+    its own (or taken from the cache). None whenever the file is anything else or any
+    entry has a problem: the whole-document parse then decides, and words the error."""
+    head = _HEADER.match(text)
+    if head is None:
+        return None
+    body = text[head.end():]
+    first = re.search(r"^( +)[^ #\n]", body, re.M)
+    if first is None:
+        return None
+    n = len(first.group(1))
+    if re.search(rf"^ {{0,{n - 1}}}[^ #\n]", body, re.M):
+        return None  # something at a shallower level: not just entries
+    starts = [m.start() for m in re.finditer(rf"^ {{{n}}}(?=[^ #\n])", body, re.M)]
+    fresh: dict[str, Key] = {}
+    by_digest: dict[bytes, Key] = {}
+    by_name: dict[str, Key] = {}
+    for i, start in enumerate(starts):
+        block = body[start:starts[i + 1] if i + 1 < len(starts) else len(body)]
+        key = cache.entries.get(block)
+        if key is None:
+            key = _parse_entry(block, n)
+            if key is None:
+                return None
+        if key.name in by_name or key.digest in by_digest:
+            return None
+        fresh[block] = key
+        by_name[key.name] = key
+        by_digest[key.digest] = key
+    cache.entries = fresh
+    return KeyRing(by_digest, by_name)
+
+
+def _parse_entry(block: str, indent: int) -> Key | None:
+    dedented = "\n".join(line[indent:] if line.startswith(" " * indent) else line.lstrip(" ")
+                         for line in block.split("\n"))
+    doc = blockyaml.load(dedented)
+    if doc is None:
+        try:
+            doc = yaml.load(dedented, Loader=_Loader)
+        except (yaml.YAMLError, ValueError):
+            return None
+    if not isinstance(doc, dict) or len(doc) != 1:
+        return None
+    ((name, spec),) = doc.items()
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        return None
+
+    def fail(msg: str, *_: Any) -> ConfigError:
+        return ConfigError(msg)
+
     try:
-        doc = yaml.load(text, Loader=_Loader)
+        return _parse_key(name, spec, fail)
+    except ConfigError:
+        return None
+
+
+def _yaml_load(text: str, path: Path | str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = f":{mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}{line}: {e.problem or e}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: {e}") from e
+    except ValueError as e:
+        # PyYAML's date constructor raises plain ValueError ("day is out of range for
+        # month") without a position: find the date it choked on.
+        raise ConfigError(f"{path}{_bad_date_line(text)}: {e}") from e
 
+
+def _bad_date_line(text: str) -> str:
+    for n, line in enumerate(text.splitlines(), start=1):
+        for m in re.finditer(r"\b(\d{4})-(\d{1,2})-(\d{1,2})\b", line.split("#", 1)[0]):
+            try:
+                dt.date(*map(int, m.groups()))
+            except ValueError:
+                return f":{n}: {m.group()}"
+    return ""
+
+
+def _build(doc: Any, path: Path | str) -> KeyRing:
     def err(msg: str, m: Any = None, k: Any = None) -> ConfigError:
         line = getattr(m, "lines", {}).get(k) if m is not None else None
         return ConfigError(f"{path}:{line}: {msg}" if line and line > 0 else f"{path}: {msg}")
@@ -200,7 +308,7 @@ def _parse_key(name: str, spec: Any, err) -> Key:
         nets = []
         for cidr in raw:
             try:
-                nets.append(_unmapped(ipaddress.ip_network(str(cidr), strict=False)))
+                nets.append(_network(str(cidr)))
             except ValueError as e:
                 raise err(f"allow_ips: {e}", "allow_ips") from None
         allow_ips = tuple(nets)
@@ -222,6 +330,13 @@ def _parse_key(name: str, spec: Any, err) -> Key:
         limits = Limits(**values)
 
     return Key(name, d, enabled, expires_at, models, scopes, allow_ips, limits)
+
+
+@functools.lru_cache(maxsize=4096)
+def _network(cidr: str) -> IPNetwork:
+    """Parsed once per distinct string: thousands of keys share a few allow_ips values,
+    and ipaddress parsing is most of what reading a key costs."""
+    return _unmapped(ipaddress.ip_network(cidr, strict=False))
 
 
 def _unmapped(net: IPNetwork) -> IPNetwork:
@@ -254,12 +369,6 @@ def parse_when(value: Any) -> dt.datetime:
     return value.astimezone(dt.timezone.utc)
 
 
-class _Mapping(dict):
-    """A dict that remembers the line of each of its keys, for error messages."""
-
-    lines: dict
-
-
 _BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
@@ -267,13 +376,13 @@ class _Loader(_BaseLoader):  # type: ignore[misc, valid-type]
     """Safe loader that refuses duplicate keys (PyYAML keeps the last one silently)."""
 
 
-def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _Mapping:
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> Lined:
     explicit = sum(1 for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge")
     loader.flatten_mapping(node)
     # flatten_mapping puts what `<<: *anchor` brings in first; the entry's own keys may
     # override those, but not each other.
     merged = len(node.value) - explicit
-    out = _Mapping()
+    out = Lined()
     out.lines = {}
     for i, (knode, vnode) in enumerate(node.value):
         k = loader.construct_object(knode, deep=True)
