@@ -25,7 +25,9 @@ from .config import ConfigError, match_any
 SCOPES = ("inference", "models", "admin")
 DEFAULT_SCOPES = frozenset({"inference", "models"})
 LIMIT_NAMES = ("rpm", "tpm", "concurrent", "requests_per_day", "tokens_per_day", "tokens_total")
-KEY_FIELDS = {"key", "key_sha256", "enabled", "expires_at", "models", "scopes", "allow_ips", "limits"}
+KEY_FIELDS = {
+    "key", "key_sha256", "enabled", "expires_at", "models", "scopes", "allow_ips", "limits",
+}
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -239,7 +241,8 @@ def _build(doc: Any, path: Path | str) -> KeyRing:
     by_name: dict[str, Key] = {}
     for name, spec in entries.items():
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-            raise err(f"key name {name!r}: use letters, digits, '.', '_', '@' or '-'", entries, name)
+            raise err(f"key name {name!r}: use letters, digits, '.', '_', '@' or '-'",
+                      entries, name)
 
         def key_err(msg: str, setting: Any = None, mapping: Any = None) -> ConfigError:
             if setting is None:
