@@ -330,6 +330,7 @@ class KeySet:
     big_yaml: str
     one_yaml: str
     names: list[str] = field(repr=False)
+    plain_secret: str = field(default="", repr=False)  # a key with no limits at all
 
 
 def _key_entry(name: str, secret: str, i: int) -> str:
@@ -382,7 +383,12 @@ def make_keys(count: int) -> KeySet:
             parts.append(main_entry)  # somewhere in the middle, as in a real file
     if count == 1:
         parts.append(main_entry)
-    return KeySet(count, main, "".join(parts), head + main_entry, names)
+    # A key without quotas: at start-up it is served before the usage counters are loaded.
+    plain = "sk-bench-" + secrets.token_urlsafe(30)
+    digest = hashlib.sha256(plain.encode()).hexdigest()
+    parts.append(f'  bench-plain:\n    key_sha256: "{digest}"\n')
+    names.append("bench-plain")
+    return KeySet(count, main, "".join(parts), head + main_entry, names, plain)
 
 
 def gateway_toml(upstream: str) -> str:
@@ -1106,15 +1112,18 @@ class Bench:
             "bare_mitmdump": [],
             "keygate_empty_log": [],
             "keygate_log_cold": [],
+            "keygate_log_cold_plain": [],
             "keygate_log_warm": [],
         }
         ledger: dict[str, list[float]] = {"keygate_log_cold": [], "keygate_log_warm": []}
         for r in range(p.startup_rounds):
             for name in times:
-                if name == "keygate_log_cold":
+                if name in ("keygate_log_cold", "keygate_log_cold_plain"):
                     sidecar.unlink(missing_ok=True)
                 config = {"bare_mitmdump": None, "keygate_empty_log": empty}.get(name, big)
-                t, proc = self.time_to_serve(name, up.url, config)
+                plain = {"Authorization": f"Bearer {self.keys.plain_secret}"}
+                t, proc = self.time_to_serve(
+                    name, up.url, config, plain if name == "keygate_log_cold_plain" else None)
                 times[name].append(t)
                 hit = proc.find(r"usage counters rebuilt from .* in ([\d.]+) s")
                 if name in ledger and hit:
@@ -1137,9 +1146,10 @@ class Bench:
         self.results["startup"] = out
         self.procs.stop(up.proc)
 
-    def time_to_serve(self, name: str, upstream: str, config: Path | None) -> tuple[float, Proc]:
+    def time_to_serve(self, name: str, upstream: str, config: Path | None,
+                      auth: dict[str, str] | None = None) -> tuple[float, Proc]:
         """Seconds from starting mitmdump to its first successful chat request."""
-        auth = self.auth if config else {}
+        auth = (auth or self.auth) if config else {}
         headers = {"content-type": "application/json", **auth}
         port = free_port()
         url = f"http://127.0.0.1:{port}{CHAT}"
@@ -1249,7 +1259,14 @@ def targets(res: dict) -> list[dict]:
         ),
         (f"reload of {ks['keys']:,} keys < 1 s", ks["reload_s"], "<", 1.0, "s"),
         (
-            f"start-up with {su['log_lines']:,}-line log < 2 s (no ledger cache)",
+            f"start-up with {su['log_lines']:,}-line log < 2 s (no cache, key w/o quota)",
+            su["keygate_log_cold_plain_s"],
+            "<",
+            2.0,
+            "s",
+        ),
+        (
+            f"start-up with {su['log_lines']:,}-line log < 2 s (no cache, quota key)",
             su["keygate_log_cold_s"],
             "<",
             2.0,
@@ -1446,7 +1463,12 @@ def report(res: dict) -> str:
         ["bare mitmdump (no keygate)", su["bare_mitmdump_s"], None],
         ["keygate, empty usage log", su["keygate_empty_log_s"], None],
         [
-            "keygate, log, no ledger cache",
+            "keygate, log, no ledger cache, key without quotas",
+            su["keygate_log_cold_plain_s"],
+            None,
+        ],
+        [
+            "keygate, log, no ledger cache, key with quotas",
             su["keygate_log_cold_s"],
             su.get("keygate_log_cold_ledger_s"),
         ],

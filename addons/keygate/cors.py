@@ -40,8 +40,10 @@ class Cors:
             })
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None and flow.metadata.get("keygate.admitted"):
+        if (flow.response is not None and flow.metadata.get("keygate.admitted")
+                and "access-control-allow-origin" in flow.response.headers):
             # Only the upstream's headers: keygate's own preflight answer keeps its own.
+            # Without Allow-Origin the others grant nothing, so most responses skip the scan.
             h = flow.response.headers
             for name in [n for n in h.keys() if n.lower().startswith("access-control-")]:
                 h.pop(name, None)

@@ -9,6 +9,7 @@ so they survive restarts. Everything a check touches is per key: O(1) in the num
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 import time
 from collections import deque
@@ -58,8 +59,15 @@ def seconds_to_utc_midnight(now: float) -> float:
     return (midnight - t).total_seconds()
 
 
+@functools.lru_cache(maxsize=4)
+def _day_name(day_number: int) -> str:
+    return (dt.date(1970, 1, 1) + dt.timedelta(days=day_number)).isoformat()
+
+
 def utc_day(now: float) -> str:
-    return dt.datetime.fromtimestamp(now, dt.timezone.utc).strftime("%Y-%m-%d")
+    """The UTC day of a Unix time as "YYYY-MM-DD". Every request with a day quota asks: it is
+    computed once per day, not formatted each time."""
+    return _day_name(int(now // 86400))
 
 
 def retry_after(seconds: float) -> str:
