@@ -190,7 +190,9 @@ class StreamMeter:
             event in (b"message_start", b"message_delta", b"message_stop", b"response.completed",
                       b"response.failed", b"error")
             or b'"usage"' in data or b'"error"' in data)
-        if not interesting and not self.edits:
+        # Taking out usage touches only frames that carry it; only a model alias needs
+        # every frame parsed (the name is in each chunk).
+        if not interesting and self.alias is None:
             return frame
         doc = json.loads(data)
         if not isinstance(doc, dict):
