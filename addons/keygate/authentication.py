@@ -79,12 +79,25 @@ def presented_key(headers: http.Headers) -> str | None:
     return key
 
 
+CREDENTIAL_HEADERS = ("authorization", "x-api-key")
+
+
+def drop_credentials(flow: http.HTTPFlow) -> None:
+    # Proxy-Authorization is addressed to this proxy, which does not use it: some clients
+    # put their key there, and it must go no further either.
+    for h in (*CREDENTIAL_HEADERS, "proxy-authorization"):
+        flow.request.headers.pop(h, None)
+
+
 class Auth:
     def __init__(self, config: Config) -> None:
         self.config = config
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
+            # Answered before keygate looked (a preflight, mitmproxy's own 400): the
+            # credential still goes no further, not even into mitmdump's flow dump.
+            drop_credentials(flow)
             return
         # As received, before routing rewrites it; the query stays out of the log.
         flow.metadata["keygate.path"] = flow.request.path.split("?", 1)[0]
@@ -98,13 +111,17 @@ class Auth:
         flow.metadata["keygate.client_ip"] = ip
 
         secret = presented_key(flow.request.headers)
-        had_header = any(h in flow.request.headers for h in ("authorization", "x-api-key"))
-        # The client's credential never goes further than this hook.
-        for h in ("authorization", "x-api-key"):
-            flow.request.headers.pop(h, None)
+        had_header = any(h in flow.request.headers for h in CREDENTIAL_HEADERS)
+        # The client's credential never goes further than this hook, nor does any other
+        # header a client also put its key in (api-key, as Azure-style clients send it).
+        drop_credentials(flow)
+        if secret:
+            for name in [k for k, v in flow.request.headers.items(multi=True) if secret in v]:
+                flow.request.headers.pop(name, None)
 
         ep = endpoints.classify(flow.request.method, flow.request.path.split("?", 1)[0])
-        if ep is not None and ep.scope is None:
+        exact = flow.request.data.method == flow.request.data.method.upper()  # see Policy
+        if ep is not None and ep.scope is None and exact:
             return  # answered by keygate without a key (GET /)
 
         if secret is None:

@@ -40,6 +40,9 @@ class FailClosed:
             self._refuse(flow)
 
     def _refuse(self, flow: http.HTTPFlow) -> None:
+        # Auth did not run: not even a flow dump may show the client's credential.
+        for h in ("authorization", "x-api-key", "proxy-authorization"):
+            flow.request.headers.pop(h, None)
         if flow.request.method in ("GET", "HEAD") and flow.request.path.split("?")[0] == "/":
             body = b"" if flow.request.method == "HEAD" else b"keygate is running\n"
             flow.response = http.Response.make(

@@ -21,6 +21,7 @@ from mitmproxy import http
 from . import endpoints
 from .config import is_cloud_model
 from .configuration import Config
+from .errors import make_error
 
 log = logging.getLogger("keygate")
 
@@ -89,7 +90,10 @@ def rename_model(doc: dict, upstream: str, client: str) -> bool:
 
 def dumps(doc: object) -> bytes:
     # Compact, as Ollama and OpenAI-compatible servers write their JSON.
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate escape: keep it escaped
+        return json.dumps(doc, separators=(",", ":")).encode()
 
 
 class StreamMeter:
@@ -279,7 +283,10 @@ class Meter:
             return tally
         try:
             doc = json.loads(resp.get_content(strict=False))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            # (An exception escaping here would skip Limits and Usage: no usage line.)
+            if resp.status_code < 400:
+                self._garbage(flow)
             return tally
         if not isinstance(doc, dict):
             return tally
@@ -294,6 +301,17 @@ class Meter:
         if changed:
             resp.content = dumps(doc)
         return tally
+
+    @staticmethod
+    def _garbage(flow: http.HTTPFlow) -> None:
+        """A success whose JSON does not parse is garbage (SPEC 5: 502 upstream_error), not
+        a success without counts; nor may a model list go out unfiltered."""
+        old = flow.response
+        flow.response = make_error(flow, "upstream_error",
+                                   "The upstream answered with a body that is not valid JSON.")
+        for name, value in old.headers.items(multi=True):
+            if name.lower().startswith("access-control-") or name.lower() == "vary":
+                flow.response.headers.add(name, value)  # Cors has been; keep what it set
 
     def _filter_list(self, flow: http.HTTPFlow, doc: dict) -> bool:
         """Model lists show only what the key may use (SPEC 4)."""

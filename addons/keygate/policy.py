@@ -41,10 +41,19 @@ INSPECTED = frozenset({"model", "name", "stream", "stream_options", "keep_alive"
                        "_debug_render_only"})
 
 
+def _folds_onto(key: str, name: str) -> bool:
+    """Whether Go could take `key` for the field `name`. It folds case rune by rune with
+    Unicode rules, so a non-ASCII rune may stand for a letter ("keep_al\u0131ve" with a
+    dotless i, "\u017ftream" with a long s): any such rune counts as a match here."""
+    return len(key) == len(name) and all(
+        a.lower() == b or not a.isascii() for a, b in zip(key, name))
+
+
 def miscased_field(doc: dict) -> str | None:
     """The first top-level field that is an inspected name in other letter case."""
     for k in doc:
-        if k not in INSPECTED and isinstance(k, str) and k.lower() in INSPECTED:
+        if k not in INSPECTED and isinstance(k, str) and any(
+                _folds_onto(k, name) for name in INSPECTED):
             return k
     return None
 
@@ -66,6 +75,10 @@ class Policy:
             return
         path = flow.request.path.split("?", 1)[0]
         ep = endpoints.classify(flow.request.method, path)
+        if flow.request.data.method != flow.request.data.method.upper():
+            # mitmproxy upper-cases .method but forwards the method as received, and
+            # upstreams route methods case-sensitively: "get" is not GET, nor in the table.
+            ep = None
         if ep is not None and ep.kind == "root":
             flow.response = http.Response.make(
                 200, b"" if flow.request.method == "HEAD" else ROOT_TEXT,
@@ -114,7 +127,7 @@ class Policy:
             return
         try:
             doc = json.loads(flow.request.get_content(strict=False) or b"")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # nested ~1000 deep
             refuse(flow, "invalid_request", "Request body must be a JSON object.")
             return
         if not isinstance(doc, dict):
@@ -123,7 +136,8 @@ class Policy:
         odd = miscased_field(doc)
         if odd is not None:
             refuse(flow, "invalid_request",
-                   f"Field names are case-sensitive here: write {odd.lower()!r}, not {odd!r}.")
+                   f"Field names are case-sensitive here: write "
+                   f"{next(n for n in INSPECTED if _folds_onto(odd, n))!r}, not {odd!r}.")
             return
         model = body_model(doc, ep.kind)
         if not isinstance(model, str) or not model:

@@ -33,6 +33,14 @@ COOLDOWN_FIRST = 2.0
 COOLDOWN_MAX = 60.0
 
 
+def encode_json(doc: object) -> bytes:
+    try:
+        return json.dumps(doc, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        # A lone surrogate ("\ud800" is valid JSON) has no UTF-8: escape it, as it came.
+        return json.dumps(doc).encode()
+
+
 class Health:
     """Cooldown per channel: starts at a few seconds, doubles while failures go on,
     and is forgotten on the first success."""
@@ -111,6 +119,16 @@ class Router:
         if ep is None:  # Policy refuses these; never forward one by accident
             refuse(flow, "unknown_endpoint", f"Unknown endpoint: {flow.request.method} {path}")
             return
+        if flow.request.is_http2 or flow.request.is_http3:
+            # mitmproxy turns an HTTP/2 request into HTTP/1 for the upstream without framing
+            # its body: without content-length the upstream would read the body as the next
+            # request on the connection (request smuggling, past the endpoint table).
+            if not flow.request.stream:
+                flow.request.headers["content-length"] = str(len(flow.request.raw_content or b""))
+            elif "content-length" not in flow.request.headers:
+                flow.request.stream = False  # mitmproxy cannot answer a streaming request
+                refuse(flow, "invalid_request", "An HTTP/2 upload needs a content-length.")
+                return
         model = flow.metadata.get("keygate.model")
         doc = flow.metadata.pop("keygate.body", None)
         changed = flow.metadata.pop("keygate.body_changed", False)
@@ -140,6 +158,7 @@ class Router:
             flow.metadata["keygate.channel"] = channel.name
             if channel.api_key:
                 flow.request.headers["authorization"] = f"Bearer {channel.api_key}"
+                flow.metadata["keygate.credential"] = True
         if doc is not None:
             if upstream_model != model:
                 if "model" in doc or "name" not in doc:
@@ -157,9 +176,14 @@ class Router:
                     flow.metadata["keygate.strip_usage"] = True
                     changed = True
             if changed:
-                flow.request.content = json.dumps(doc, ensure_ascii=False).encode()
+                flow.request.content = encode_json(doc)
 
         flow.request.headers.pop("origin", None)
+        if not (flow.request.is_http2 or flow.request.is_http3):
+            # An absolute-form target ("POST http://host/api/chat") would go upstream as
+            # sent, and Go's net/http takes the request's host from it: send the origin
+            # form keygate checked, as mitmproxy's regular mode does.
+            flow.request.authority = ""
         flow.metadata["keygate.admitted"] = True
         try:
             loop = asyncio.get_running_loop()
@@ -190,6 +214,10 @@ class Router:
         timer = self._timers.pop(flow.id, None)
         if timer is not None:
             timer.cancel()
+        if flow.metadata.pop("keygate.credential", False):
+            # Sent by now: the channel's credential stays out of what runs after keygate
+            # (mitmdump's flow dump prints request headers at flow_detail >= 2, saved flows).
+            flow.request.headers.pop("authorization", None)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._disarm(flow)  # refused after admission (limits): never forwarded

@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable
 
 from mitmproxy import ctx, http
+from mitmproxy import flow as mitmproxy_flow
 
 from .configuration import Config
 from .errors import refuse
@@ -44,11 +45,37 @@ def client_gone(flow: http.HTTPFlow) -> bool:
     return flow.error is not None and "client" in flow.error.msg.lower()
 
 
+def mitmproxy_ended(flow: http.HTTPFlow) -> tuple[int, str | None] | None:
+    """(status, error code) where mitmproxy, not keygate, ended the request (flow.error
+    set) and so decided what the client got; None where keygate's own status stands."""
+    md = flow.metadata
+    if md.get("keygate.malformed"):
+        return 400, "invalid_request"  # mitmproxy's own 400 for a malformed request
+    if flow.error.msg.startswith("Request body exceeds mitmproxy's body_size_limit"):
+        # mitmproxy's 413 goes out in place of any answer keygate had chosen.
+        return 413, "request_too_large"
+    if flow.request.timestamp_end is None and not flow.request.stream:
+        # The body never arrived whole (the client left mid-body, broken chunking): nothing
+        # was sent and nothing forwarded, so it counts for nothing (SPEC 7).
+        return 499, md.get("keygate.error") or "invalid_request"
+    if flow.response is not None and md.get("keygate.admitted") and not flow.response.stream:
+        # The upstream's whole answer broke off, was malformed or over body_size_limit
+        # before any of it went out: mitmproxy answers 502 itself, unless the client left.
+        return (499, None) if client_gone(flow) else (502, "upstream_error")
+    if flow.response is not None and flow.response.stream and not client_gone(flow):
+        # The headers went out; then the upstream broke the stream.
+        return flow.response.status_code, md.get("keygate.error") or "upstream_error"
+    return None
+
+
 def build_record(flow: http.HTTPFlow, now: float) -> dict:
     """The SPEC 6 record for a finished flow; reads only flow.metadata and the flow."""
     md = flow.metadata
     error = md.get("keygate.error")
-    if flow.response is not None:
+    ended = mitmproxy_ended(flow) if flow.error is not None else None
+    if ended is not None:
+        status, error = ended
+    elif flow.response is not None:
         status = flow.response.status_code
     elif client_gone(flow):
         status = 499  # nothing was sent: the client left first (nginx's convention)
@@ -74,7 +101,8 @@ def build_record(flow: http.HTTPFlow, now: float) -> dict:
         "key": md.get("keygate.key"),
         "status": status,
         "error": error,
-        "method": flow.request.method,
+        # As received: mitmproxy's .method is upper-cased.
+        "method": flow.request.data.method.decode("utf-8", "surrogateescape"),
         "path": md.get("keygate.path") or flow.request.path.split("?", 1)[0],
         "model": md.get("keygate.model"),
         "upstream_model": md.get("keygate.upstream_model"),
@@ -106,7 +134,7 @@ class Usage:
         self._held: list[dict] | None = []
         self._loading: asyncio.Task | None = None
         self._log_settings: tuple | None = None
-        self._inflight: set[str] = set()
+        self._inflight: dict[str, http.HTTPFlow] = {}
         self.draining = False
 
     def running(self) -> None:
@@ -178,7 +206,11 @@ class Usage:
         # Runs for every request, refused ones included: they get an id and a line too.
         flow.metadata.setdefault("keygate.id", new_request_id())
         flow.metadata["keygate.seen"] = True
-        self._inflight.add(flow.id)
+        if flow.error is not None and flow.response is None:
+            # mitmproxy found the request malformed before any addon could act (smuggling
+            # checks on its framing, a CONNECT) and answers 400 itself.
+            flow.metadata["keygate.malformed"] = True
+        self._inflight[flow.id] = flow
         if self.draining and not flow.response:
             refuse(flow, "gateway_unavailable", "The gateway is shutting down.")
 
@@ -199,8 +231,23 @@ class Usage:
             flow.response.headers[ID_HEADER] = flow.metadata.setdefault(
                 "keygate.id", new_request_id())
 
+    def client_disconnected(self, client) -> None:
+        # A flow mitmproxy gave up on without a response or error hook (its connection
+        # handler crashed, e.g. on HTTP/1 request trailers) still gets its line, and must
+        # not hold a graceful stop for its full wait. Hooks run as tasks of their own: the
+        # ones still on their way get a moment first.
+        flows = [f for f in self._inflight.values() if f.client_conn.id == client.id]
+        if flows:
+            asyncio.get_running_loop().call_later(1.0, self._abandoned, flows)
+
+    def _abandoned(self, flows: list[http.HTTPFlow]) -> None:
+        for flow in flows:
+            if flow.id in self._inflight and flow.error is None:
+                flow.error = mitmproxy_flow.Error("abandoned by mitmproxy")
+                self._finish(flow)
+
     def _finish(self, flow: http.HTTPFlow) -> None:
-        self._inflight.discard(flow.id)
+        self._inflight.pop(flow.id, None)
         if flow.metadata.get("keygate.logged"):
             return
         flow.metadata["keygate.logged"] = True
