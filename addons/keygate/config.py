@@ -115,8 +115,14 @@ def default_settings(path: Path = DEFAULT_CONFIG) -> Settings:
 def load_settings(path: str | os.PathLike | None = None) -> Settings:
     """Read gateway.toml; a missing file means all defaults (SPEC 2)."""
     p = Path(path).expanduser() if path else DEFAULT_CONFIG
-    p = p.resolve()
     try:
+        p = p.resolve()  # a symlink loop raises RuntimeError here, not OSError
+    except RuntimeError as e:
+        raise ConfigError(f"{p}: cannot read: {e}") from e
+    try:
+        if p.exists() and not p.is_file():
+            # Reading a FIFO (or a device) would block the reload thread for good.
+            raise ConfigError(f"{p}: cannot read: not a regular file")
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         return default_settings(p)
@@ -156,7 +162,10 @@ def parse_settings(text: str, path: Path, environ: Mapping[str, str] = os.enviro
         v = gw.get(name, default)
         if not isinstance(v, str) or not v:
             raise where.error(f"{name} must be a non-empty string", name)
-        return (base / Path(v).expanduser()).resolve()
+        try:
+            return (base / Path(v).expanduser()).resolve()
+        except RuntimeError as e:  # a symlink loop
+            raise where.error(f"{name}: {e}", name) from e
 
     def number(name: str, default: float, minimum: float, integer: bool = False) -> float:
         v = gw.get(name, default)

@@ -7,6 +7,7 @@ consistent configuration, and an edit that does not parse or validate changes no
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 from dataclasses import dataclass
@@ -39,15 +40,28 @@ def _fingerprint(path: Path | None) -> tuple | None:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def read_state(config_path: str | None, missing_keys_ok: bool) -> State:
+def _has_content(fp: tuple | None) -> bool:
+    return fp is not None and isinstance(fp[0], int) and fp[1] > 0
+
+
+def _is_empty(fp: tuple | None) -> bool:
+    return fp is not None and isinstance(fp[0], int) and fp[1] == 0
+
+
+def read_state(config_path: str | None, missing_keys_ok: bool,
+               cache: keys.EntryCache | None = None) -> State:
     """Parse both files into a State, or raise ConfigError. Pure apart from reading."""
     settings = load_settings(config_path or None)
+    if settings.keys_file.exists() and not (
+            settings.keys_file.is_file() or settings.keys_file.is_dir()):
+        # Reading a FIFO (or a device) would block the reload thread for good.
+        raise ConfigError(f"{settings.keys_file}: cannot read: not a regular file")
     if not settings.keys_file.exists() and missing_keys_ok:
         log.warning(
             "keygate: %s does not exist: no key is valid, every request will be refused. "
             "Create a key with scripts/keys add NAME.", settings.keys_file)
         return State(settings, keys.EMPTY)
-    return State(settings, keys.load_keys(settings.keys_file))
+    return State(settings, keys.load_keys(settings.keys_file, cache))
 
 
 class Config:
@@ -55,6 +69,8 @@ class Config:
         self.state: State | None = None
         self._watched: tuple = ()
         self._task: asyncio.Task | None = None
+        # Only the watcher thread reads through it, one read at a time.
+        self._entries = keys.EntryCache()
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -68,7 +84,7 @@ class Config:
         if "keygate_config" not in updated and self.state is not None:
             return
         try:
-            state = read_state(ctx.options.keygate_config, missing_keys_ok=True)
+            state = read_state(ctx.options.keygate_config, True, self._entries)
         except ConfigError as e:
             # At start-up this stops mitmdump (fail closed); on a later option change
             # the previous configuration stays in force.
@@ -107,7 +123,25 @@ class Config:
         return Path(ctx.options.keygate_config or DEFAULT_CONFIG).expanduser().resolve()
 
     def _fingerprints(self, state: State) -> tuple:
-        return (_fingerprint(self._config_path()), _fingerprint(state.settings.keys_file))
+        try:
+            config_path = self._config_path()
+        except RuntimeError as e:  # a symlink loop: the watcher must outlive it
+            return (("unresolvable", str(e)), _fingerprint(state.settings.keys_file))
+        return (_fingerprint(config_path), _fingerprint(state.settings.keys_file))
+
+    def _vanished(self, now: tuple) -> None:
+        """Refuse a reload that would drop a file in force: a gateway.toml that had settings
+        and is now gone or empty would silently mean all defaults (another usage log, no
+        channels), and a keys.yaml emptied no keys at all. Either is far likelier an
+        accident or an in-place write caught halfway than what the operator wants."""
+        (config_was, keys_was), (config_now, keys_now) = self._watched, now
+        if _has_content(config_was) and config_now[:2] == ("missing", errno.ENOENT):
+            raise ConfigError(f"{self.state.settings.path}: cannot read: the file is gone")
+        if _has_content(config_was) and _is_empty(config_now):
+            raise ConfigError(f"{self.state.settings.path}: the file is empty")
+        if _has_content(keys_was) and _is_empty(keys_now):
+            raise ConfigError(f"{self.state.settings.keys_file}: the file is empty (to "
+                              "revoke every key, write 'keys: {}')")
 
     def _swap(self, state: State) -> None:
         self.state = state
@@ -123,8 +157,10 @@ class Config:
             if now == self._watched or now == failed:
                 continue
             try:
+                self._vanished(now)
                 # Parsing 10,000 keys takes a moment: keep it off the event loop.
-                new = await asyncio.to_thread(read_state, ctx.options.keygate_config, False)
+                new = await asyncio.to_thread(
+                    read_state, ctx.options.keygate_config, False, self._entries)
             except ConfigError as e:
                 log.error("keygate: %s; keeping the last good configuration", e)
                 failed = now
