@@ -93,7 +93,8 @@ class Gateway:
 
     def __init__(self, workdir: Path, upstream: str, keys: dict[str, KeySpec] | None = None,
                  gateway_toml: str = "", script: Path | None = None, env: dict | None = None,
-                 cwd: Path | None = None, pass_config: bool = True):
+                 cwd: Path | None = None, pass_config: bool = True,
+                 args: list[str] | None = None):
         self.dir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.upstream = upstream
@@ -105,6 +106,7 @@ class Gateway:
         self.env = env
         self.cwd = cwd or workdir
         self.pass_config = pass_config
+        self.args = list(args or [])  # more mitmdump options (a flow_detail replaces 0)
         self.lines: list[str] = []
         self.proc: subprocess.Popen | None = None
         self.port = 0
@@ -126,7 +128,7 @@ class Gateway:
         self.proc = subprocess.Popen(
             [MITMDUMP, "--mode", f"reverse:{self.upstream}", "--listen-host", "127.0.0.1",
              "--listen-port", "0", "-s", str(self.script), *config,
-             "--set", f"confdir={confdir}", "--set", "flow_detail=0"],
+             "--set", f"confdir={confdir}", *self._detail(), *self.args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=self.cwd,
             env={**os.environ, **(self.env or {})},
         )
@@ -137,6 +139,12 @@ class Gateway:
             self.wait_for(r"keygate: config ")
             self.wait_for(r"keygate: usage counters rebuilt")
         return self
+
+    def _detail(self) -> list[str]:
+        # mitmdump refuses an option given twice
+        if any(a.startswith("flow_detail=") for a in self.args):
+            return []
+        return ["--set", "flow_detail=0"]
 
     def _read(self) -> None:
         for line in self.proc.stdout:

@@ -101,9 +101,9 @@ def test_start_with_broken_gateway_toml_exits_nonzero(fake, tmp_path):
     assert "gateway.toml:2: max_body_mb must be a number" in gw.output
 
 
-def test_broken_gateway_py_fails_closed(fake, tmp_path):
+def test_broken_gateway_py_fails_closed(fake, make_gateway, tmp_path):
     script = copy_checkout(tmp_path / "checkout")
-    gw = Gateway(tmp_path / "gw", fake.url, script=script).start()
+    gw = make_gateway(fake.url, script=script).start()
     alice = gw.key("alice")
     assert chat(gw, alice.secret).status_code == 200
     good = script.read_text()
@@ -129,9 +129,9 @@ def test_broken_gateway_py_fails_closed(fake, tmp_path):
     assert eventually(lambda: chat(gw, alice.secret).status_code == 200, timeout=5)
 
 
-def test_deleted_gateway_py_fails_closed(fake, tmp_path):
+def test_deleted_gateway_py_fails_closed(fake, make_gateway, tmp_path):
     script = copy_checkout(tmp_path / "checkout")
-    gw = Gateway(tmp_path / "gw", fake.url, script=script).start()
+    gw = make_gateway(fake.url, script=script).start()
     assert chat(gw, gw.key("alice").secret).status_code == 200
     script.unlink()
     gw.wait_for(r"Removing script", timeout=10)
