@@ -240,6 +240,16 @@ def make_gateway(tmp_path):
         gw.stop()
 
 
+def eventually(check, timeout: float = 5.0, interval: float = 0.05):
+    """Poll `check` until it returns something true or `timeout` passes; its last result."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(interval)
+
+
 def copy_checkout(dest: Path) -> Path:
     """A copy of addons/ for tests that edit gateway.py under a running mitmdump."""
     shutil.copytree(ROOT / "addons", dest / "addons",

@@ -23,7 +23,7 @@ import httpx
 import pytest
 from hostile import Tracker, http1, rss_mb, send_raw
 
-from conftest import Gateway, KeySpec, keys_yaml
+from conftest import Gateway, KeySpec, eventually, keys_yaml
 from fakeollama import FakeOllama
 
 KEY = KeySpec("worker")
@@ -34,15 +34,6 @@ CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "why is th
 REFUSED = {"invalid_request", "invalid_api_key", "permission_denied", "unknown_endpoint",
            "model_not_found", "request_too_large", "rate_limit_exceeded", "insufficient_quota",
            "gateway_unavailable"}
-
-
-def eventually(check, timeout=5.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(interval)
 
 
 # -- a scripted upstream: answers what the fake cannot be made to ---------------------------
