@@ -40,6 +40,11 @@ def with_default_tag(name: str) -> str | None:
     return None if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
 
 
+def cloud_allowed(model: str, channels: "tuple[Channel, ...]") -> bool:
+    """SPEC 2: a cloud name only where a channel names it with a "cloud" pattern."""
+    return not is_cloud_model(model) or any(c.serves(model) for c in channels)
+
+
 def match_any(patterns: tuple[str, ...], name: str) -> bool:
     """Whether a model name matches a glob; a name without a tag also matches as
     name:latest, so "llama3.2:*" covers a request for "llama3.2"."""

@@ -11,12 +11,14 @@ everything but `GET /` gets 503 `gateway_unavailable` until a good reload.
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 
 from mitmproxy import ctx, http
 
+from .authentication import drop_credentials
 from .errors import make_error
+from .policy import root_response
+from .usage import new_request_id
 
 log = logging.getLogger("keygate")
 
@@ -41,17 +43,14 @@ class FailClosed:
 
     def _refuse(self, flow: http.HTTPFlow) -> None:
         # Auth did not run: not even a flow dump may show the client's credential.
-        for h in ("authorization", "x-api-key", "proxy-authorization"):
-            flow.request.headers.pop(h, None)
+        drop_credentials(flow)
         if flow.request.method in ("GET", "HEAD") and flow.request.path.split("?")[0] == "/":
-            body = b"" if flow.request.method == "HEAD" else b"keygate is running\n"
-            flow.response = http.Response.make(
-                200, body, {"content-type": "text/plain; charset=utf-8"})
+            flow.response = root_response(flow.request.method)
         else:
             flow.response = make_error(
                 flow, "gateway_unavailable",
                 "The gateway is not available: its configuration failed to load.")
-        flow.response.headers["x-keygate-request-id"] = "req_" + secrets.token_hex(10)
+        flow.response.headers["x-keygate-request-id"] = new_request_id()
         now = time.monotonic()
         if now - self._last_warning > 10:
             self._last_warning = now

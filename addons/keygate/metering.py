@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from mitmproxy import http
 
 from . import endpoints
-from .config import is_cloud_model
+from .config import cloud_allowed
 from .configuration import Config
 from .errors import make_error
 
@@ -322,7 +322,7 @@ class Meter:
         def visible(name: object) -> bool:
             if not isinstance(name, str) or key is None or not key.may_use(name):
                 return False
-            return not is_cloud_model(name) or any(c.serves(name) for c in channels)
+            return cloud_allowed(name, channels)
 
         if isinstance(doc.get("models"), list):
             doc["models"] = [m for m in doc["models"] if isinstance(m, dict)

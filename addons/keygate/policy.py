@@ -14,11 +14,17 @@ import re
 from mitmproxy import http
 
 from . import endpoints
-from .config import is_cloud_model
+from .config import cloud_allowed
 from .configuration import Config
 from .errors import refuse
 
 ROOT_TEXT = b"keygate is running\n"
+
+
+def root_response(method: str) -> http.Response:
+    """keygate's own answer to GET / and HEAD / (not Ollama's fingerprint string)."""
+    body = b"" if method == "HEAD" else ROOT_TEXT
+    return http.Response.make(200, body, {"content-type": "text/plain; charset=utf-8"})
 _ZERO_DURATION = re.compile(r"\+?(0+(\.0*)?(ns|us|\u00b5s|ms|s|m|h)?)+")
 
 
@@ -80,9 +86,7 @@ class Policy:
             # upstreams route methods case-sensitively: "get" is not GET, nor in the table.
             ep = None
         if ep is not None and ep.kind == "root":
-            flow.response = http.Response.make(
-                200, b"" if flow.request.method == "HEAD" else ROOT_TEXT,
-                {"content-type": "text/plain; charset=utf-8"})
+            flow.response = root_response(flow.request.method)
             return
         key = self.config.state.keys.by_name.get(flow.metadata.get("keygate.key"))
         if key is None:  # only reachable if keys.yaml dropped the key a moment ago
@@ -172,6 +176,4 @@ class Policy:
         flow.metadata["keygate.body"] = doc
 
     def _cloud_ok(self, model: str) -> bool:
-        if not is_cloud_model(model):
-            return True
-        return any(c.serves(model) for c in self.config.state.settings.channels)
+        return cloud_allowed(model, self.config.state.settings.channels)

@@ -23,6 +23,7 @@ from . import endpoints
 from .config import Channel
 from .configuration import Config
 from .errors import refuse
+from .usage import client_gone
 
 log = logging.getLogger("keygate")
 
@@ -237,8 +238,7 @@ class Router:
     def error(self, flow: http.HTTPFlow) -> None:
         self._disarm(flow)
         name = flow.metadata.get("keygate.channel")
-        client_left = flow.error is not None and "client" in flow.error.msg.lower()
-        if name and flow.response is None and not client_left:
+        if name and flow.response is None and not client_gone(flow):
             step = self.health.failure(name)
             log.warning("keygate: channel %s failed (%s); cooling down for %.0f s",
                         name, flow.error.msg if flow.error else "?", step)
