@@ -20,6 +20,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import settings
+
+# Property tests draw the same examples on every run, so a CI result is reproducible;
+# `scripts/test --hypothesis-profile=fuzz` draws new ones each time, to look further.
+settings.register_profile("repeatable", derandomize=True, print_blob=True)
+settings.register_profile("fuzz", derandomize=False, print_blob=True)
+settings.load_profile("repeatable")
 
 ROOT = Path(__file__).resolve().parents[1]
 for p in (ROOT / "addons", ROOT / "demo", ROOT / "tests"):

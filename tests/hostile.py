@@ -90,7 +90,7 @@ def check_upstream_request(req, secrets: list[str], models: tuple[str, ...]) -> 
         assert model_allowed(unquote(segment), models), f"model {segment!r} reached upstream"
     else:
         assert (req.method, path) in FORWARDABLE, f"{req.method} {req.path!r} reached upstream"
-    for name in ("authorization", "x-api-key", "origin"):
+    for name in ("authorization", "x-api-key", "proxy-authorization", "api-key", "origin"):
         assert req.header(name) is None, f"{name} reached upstream"
     blob = repr(req.headers) + req.path + req.body.decode("utf-8", "replace")
     for s in secrets:

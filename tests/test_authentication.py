@@ -297,3 +297,25 @@ def test_key_from_a_reloaded_keyring(auth):
     with taddons.context(auth):
         auth.requestheaders(f)
     assert f.response.status_code == 401
+
+
+@pytest.mark.parametrize("presented", ["alice", None])
+def test_headers_bearing_any_key_are_not_forwarded(auth, presented):
+    """Besides the credential headers, any header holding the presented key or another
+    valid key (alone, after a scheme, as a cookie or list item) is dropped; others stay."""
+    other = secret_of("admin")
+    hdrs = [("api-key", other), ("X-Goog-Api-Key", "whatever"), ("Proxy-Authorization", "x"),
+            ("Cookie", f"a=1; session={other}"), ("X-Custom", f"Token {other}"),
+            ("X-List", f"one, {other}"), ("User-Agent", "OpenAI/Python 1.50.0"),
+            ("X-Near", other[:-1]), ("X-Trace", "0123456789abcdef")]
+    if presented:
+        hdrs += [("x-api-key", secret_of(presented)), ("X-Echo", f"k={secret_of(presented)}")]
+    f = make_flow("GET", "/api/version", headers=hdrs)
+    with taddons.context(auth):
+        auth.requestheaders(f)
+    kept = {k.lower() for k in f.request.headers}
+    assert {"user-agent", "x-near", "x-trace"} <= kept
+    assert not kept & {"api-key", "x-goog-api-key", "proxy-authorization", "cookie",
+                       "x-custom", "x-list", "x-api-key", "x-echo"}
+    assert other not in repr(f.request.headers)
+    assert f.metadata.get("keygate.key") == presented

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 
 from mitmproxy import http
 
 from . import endpoints
 from .configuration import Config
 from .errors import refuse
+from .keys import KeyRing
 
 
 def client_address(peer: str, forwarded_for: list[str], trusted: tuple) -> str:
@@ -80,13 +82,30 @@ def presented_key(headers: http.Headers) -> str | None:
 
 
 CREDENTIAL_HEADERS = ("authorization", "x-api-key")
+# Never forwarded either: Proxy-Authorization is addressed to this proxy, which does not use
+# it, and api-key / x-goog-api-key are where Azure- and Gemini-style clients put a key.
+DROPPED_HEADERS = (*CREDENTIAL_HEADERS, "proxy-authorization", "api-key", "x-goog-api-key")
+
+# Where else a key may sit in a header value: alone, after a scheme, as a cookie value.
+_TOKENS = re.compile(r"[^\s,;=\"']{8,}")
 
 
 def drop_credentials(flow: http.HTTPFlow) -> None:
-    # Proxy-Authorization is addressed to this proxy, which does not use it: some clients
-    # put their key there, and it must go no further either.
-    for h in (*CREDENTIAL_HEADERS, "proxy-authorization"):
+    for h in DROPPED_HEADERS:
         flow.request.headers.pop(h, None)
+
+
+def drop_key_bearing(headers: http.Headers, secret: str | None, keys: KeyRing) -> None:
+    """Remove every other header that carries the presented key or any valid key of
+    keys.yaml (keys are at least 8 characters), so a key a client copied somewhere
+    never reaches the upstream."""
+    doomed = [
+        name for name, value in headers.items(multi=True)
+        if (secret and secret in value)
+        or any(keys.lookup(t) is not None for t in _TOKENS.findall(value))
+    ]
+    for name in doomed:
+        headers.pop(name, None)
 
 
 class Auth:
@@ -113,11 +132,9 @@ class Auth:
         secret = presented_key(flow.request.headers)
         had_header = any(h in flow.request.headers for h in CREDENTIAL_HEADERS)
         # The client's credential never goes further than this hook, nor does any other
-        # header a client also put its key in (api-key, as Azure-style clients send it).
+        # header a client also put a key in.
         drop_credentials(flow)
-        if secret:
-            for name in [k for k, v in flow.request.headers.items(multi=True) if secret in v]:
-                flow.request.headers.pop(name, None)
+        drop_key_bearing(flow.request.headers, secret, state.keys)
 
         ep = endpoints.classify(flow.request.method, flow.request.path.split("?", 1)[0])
         exact = flow.request.data.method == flow.request.data.method.upper()  # see Policy
