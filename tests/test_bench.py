@@ -45,3 +45,25 @@ def test_bench_quick_reports_every_section(tmp_path):
         assert any(where.endswith(".completed") for where, _ in leaves(results[section]))
     assert results["targets"], "the SPEC 9 summary is missing"
     assert "1. Small non-streamed" in proc.stdout and "SPEC 9 targets" in proc.stdout
+
+    # The streaming mitmdump baseline (stream_large_bodies=1): in both stream phases, with
+    # its streams accounted for, and as the floor of the three stream targets.
+    for row in (
+        results["streams"]["c1"]["mitmdump_streaming"],
+        results["streams"]["c100"]["mitmdump_streaming"],
+        results["slow_streams"]["mitmdump_streaming"],
+    ):
+        assert {"completed", "failed", "ttfc_p50_ms", "total_p50_ms"} <= row.keys(), row
+        assert row["completed"] > 0, row
+    for label in ("c1", "c100"):
+        row = results["streams"][label]["mitmdump_streaming"]
+        assert {"ttfc_p50_minus_direct_ms", "total_p50_vs_direct", "cpu_ms_per_stream"} <= (
+            row.keys()
+        ), row
+    floors = [t for t in results["targets"] if "floor" in t]
+    assert len(floors) == 3, results["targets"]
+    for t in floors:
+        assert t["floor"]["proxy"] == "mitmdump_streaming", t
+        assert isinstance(t["floor"]["value"], numbers.Real), t
+    # Its rows in the printed tables: c=1 and c=100 in 2, one in 3, three floors in SPEC 9's.
+    assert proc.stdout.count("mitmdump streaming (stream_large_bodies=1)") == 6, proc.stdout
