@@ -191,6 +191,21 @@ class Gateway:
             time.sleep(0.05)
         raise AssertionError(f"no usage line for {request_id}; log: {self.usage()[-5:]}")
 
+    def settled_count(self, quiet: float = 0.15, timeout: float = 5.0) -> int:
+        """How many lines the log has once the requests already answered have theirs:
+        a line lands a moment after its request ends (the writer gathers lines for
+        ~20 ms), so wait until the file has stopped growing for `quiet` seconds."""
+        deadline = time.monotonic() + timeout
+        size, since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            now = self.usage_log.stat().st_size if self.usage_log.exists() else 0
+            if now != size:
+                size, since = now, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                break
+            time.sleep(0.02)
+        return len(self.usage())
+
     def usage_after(self, n: int, timeout: float = 5.0) -> dict:
         """The line written after the first n: lines land when a request has ended,
         which can be a moment after the client has read the last byte."""

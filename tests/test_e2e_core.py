@@ -73,7 +73,7 @@ def test_openai_chat_non_streamed(gateway, fake):
 def test_openai_chat_streamed_usage_is_counted_but_not_shown(gateway, fake):
     fake.clear()
     client = openai_client(gateway)
-    n = len(gateway.usage())
+    n = gateway.settled_count()
     chunks = list(client.chat.completions.create(
         model="llama3.2", messages=[{"role": "user", "content": PROMPT}], stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -91,7 +91,7 @@ def test_openai_chat_streamed_usage_is_counted_but_not_shown(gateway, fake):
 
 def test_openai_chat_streamed_with_usage_requested(gateway, fake):
     client = openai_client(gateway)
-    n = len(gateway.usage())
+    n = gateway.settled_count()
     chunks = list(client.chat.completions.create(
         model="llama3.2", messages=[{"role": "user", "content": PROMPT}], stream=True,
         stream_options={"include_usage": True}))
@@ -104,7 +104,7 @@ def test_openai_chat_streamed_with_usage_requested(gateway, fake):
 
 def test_openai_embeddings_and_models(gateway, fake):
     client = openai_client(gateway)
-    n = len(gateway.usage())
+    n = gateway.settled_count()
     emb = client.embeddings.create(model="nomic-embed-text", input=["hello world", "x"])
     assert len(emb.data) == 2
     rec = gateway.usage_after(n)
@@ -115,7 +115,7 @@ def test_openai_embeddings_and_models(gateway, fake):
 
 def test_ollama_client_chat_and_generate(gateway, fake):
     client = ollama_client(gateway)
-    n = len(gateway.usage())
+    n = gateway.settled_count()
     resp = client.chat(model="llama3.2", messages=[{"role": "user", "content": PROMPT}])
     assert resp.message.content
     rec = gateway.usage_after(n)
@@ -340,7 +340,7 @@ def test_origin_is_not_forwarded(gateway, fake):
 def test_stream_first_chunk_arrives_while_upstream_holds_the_rest(gateway, fake):
     gate = threading.Event()
     fake.gate = gate
-    n = len(gateway.usage())
+    n = gateway.settled_count()
     try:
         with httpx.Client(timeout=10) as c:
             with c.stream("POST", gateway.url + "/api/chat", headers=gateway.key("alice").auth,

@@ -114,7 +114,7 @@ def test_midstream_error_is_logged(gateway, fake):
 
 def test_upstream_cut_midstream_is_logged_incomplete(gateway, fake):
     fake.fail = "cut"
-    n = len(gateway.usage())
+    n = gateway.settled_count()
     try:
         with pytest.raises(httpx.HTTPError):
             with httpx.stream("POST", gateway.url + "/api/chat", timeout=10,
@@ -131,7 +131,7 @@ def test_upstream_cut_midstream_is_logged_incomplete(gateway, fake):
 
 def test_client_disconnect_midstream_still_logs(gateway, fake):
     fake.chunk_delay = 0.3
-    n = len(gateway.usage())
+    n = gateway.settled_count()
     try:
         body = json.dumps({"model": "llama3.2", "messages": [{"role": "user", "content": P}]})
         with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as s:
@@ -150,7 +150,7 @@ def test_client_disconnect_midstream_still_logs(gateway, fake):
 
 
 def test_500_concurrent_requests_500_lines(gateway, fake):
-    before = len(gateway.usage())
+    before = gateway.settled_count()
     auth = gateway.key("alice").auth
 
     async def run():
@@ -227,9 +227,6 @@ def test_counters_survive_restart(fake, tmp_path, how):
 
 
 def test_unwritable_log_keeps_serving_and_recovers(fake, tmp_path):
-    if os.geteuid() == 0:
-        # root ignores permission bits: make the log's path a directory instead
-        pass
     gw = Gateway(tmp_path, fake.url).start()
     h = httpx.Client(timeout=10, headers=gw.key("alice").auth)
     body = {"model": "llama3.2", "prompt": "x", "stream": False}
@@ -243,9 +240,8 @@ def test_unwritable_log_keeps_serving_and_recovers(fake, tmp_path):
     gw.usage_log.mkdir()
     ids = [h.post(gw.url + "/api/generate", json=body).headers["x-keygate-request-id"]
            for _ in range(3)]
-    gw.wait_for(r"(?i)usage log", timeout=5, after=0)
-    assert any("cannot" in x.lower() or "error" in x.lower() for x in gw.lines
-               if "usage" in x.lower())
+    # (A directory rather than permission bits: root, as in CI, ignores those.)
+    gw.wait_for(r"cannot write usage log", timeout=5, after=0)
     gw.usage_log.rmdir()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and not gw.usage_log.exists():

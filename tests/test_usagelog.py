@@ -444,7 +444,7 @@ def test_backlog_is_bounded_and_drops_the_oldest(tmp_path, caplog):
     w = UsageWriter(p, 10_000_000, 3, retry_interval=0.05, backlog_limit=10)
     for i in range(25):
         w.write(rec(i))
-    wait_for(lambda: "backlog full" in caplog.text)
+    wait_for(lambda: "backlog full" in caplog.text and "cannot write" in caplog.text)
     p.rmdir()
     wait_for(lambda: len(lines_of(p)) == 10)
     w.close()
@@ -494,7 +494,8 @@ def test_disk_full_never_leaves_a_torn_line(tmp_path, monkeypatch, caplog, scrip
     p = tmp_path / "usage.jsonl"
     p.write_bytes(encode(rec(-1)))
     steps = _fake_disk(monkeypatch, p, script)
-    w = UsageWriter(p, 10_000_000, 3, retry_interval=0.02)
+    # gather=0: a write per wake-up, so the script's failures land between records.
+    w = UsageWriter(p, 10_000_000, 3, retry_interval=0.02, gather=0)
     for i in range(200):
         w.write(rec(i, pad="z" * (i % 7)))
         if i % 40 == 0:
@@ -509,9 +510,35 @@ def test_disk_full_between_single_records(tmp_path, monkeypatch):
     p = tmp_path / "usage.jsonl"
     p.write_bytes(b"")
     _fake_disk(monkeypatch, p, ["ok", "half", "enospc", "ok", "half"])
-    w = UsageWriter(p, 10_000_000, 3, retry_interval=0.02)
+    w = UsageWriter(p, 10_000_000, 3, retry_interval=0.02, gather=0)
     for i in range(100):
         w.write(rec(i))
         time.sleep(0.001)
     w.close()
     assert ids_in([p]) == [f"req_{i:08d}" for i in range(100)]
+
+
+def test_lines_arriving_together_share_one_write(tmp_path, monkeypatch):
+    """Under load the writer gathers what arrives within `gather` seconds into one
+    write(); each line still reaches the file within about that time."""
+    p = tmp_path / "usage.jsonl"
+    sizes = []
+    real_write = os.write
+
+    def write(fd, data):
+        sizes.append(data.count(b"\n"))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(usagelog.os, "write", write)
+    w = UsageWriter(p, 10_000_000, 3, gather=0.05)
+    for i in range(50):
+        w.write(rec(i))
+    wait_for(lambda: len(lines_of(p)) == 50, timeout=2.0)
+    t0 = time.monotonic()
+    w.write(rec(50))
+    wait_for(lambda: len(lines_of(p)) == 51, timeout=2.0)
+    waited = time.monotonic() - t0
+    w.close()
+    assert ids_in([p]) == [f"req_{i:08d}" for i in range(51)]
+    assert sizes[0] == 50 and sizes[1:] == [1]
+    assert 0.04 <= waited < 1.0

@@ -35,6 +35,9 @@ BACKLOG_LIMIT = 100_000
 RETRY_INTERVAL = 1.0
 CHECKPOINT_INTERVAL = 10.0
 BATCH_BYTES = 1 << 20  # one write() of at most this much (more would only delay a follower)
+# After a line arrives, the writer waits this long for more before it writes: under load
+# that is one write per batch, and a line still reaches `tail -f` within ~20 ms.
+GATHER = 0.02
 READ_CHUNK = 4 << 20
 
 
@@ -353,6 +356,7 @@ class UsageWriter:
         checkpoint_interval: float = CHECKPOINT_INTERVAL,
         retry_interval: float = RETRY_INTERVAL,
         backlog_limit: int = BACKLOG_LIMIT,
+        gather: float = GATHER,
     ) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._file = LogFile(Target(Path(path), max_bytes, keep))
@@ -360,6 +364,7 @@ class UsageWriter:
         self._checkpoint_interval = checkpoint_interval
         self._retry_interval = retry_interval
         self._backlog_limit = backlog_limit
+        self._gather = gather
         self._closed = False
         self._warned_closed = False
         # Writer-thread state below.
@@ -405,6 +410,11 @@ class UsageWriter:
                 stop = self._take(self._queue.get(timeout=self._timeout()))
             except queue.Empty:
                 stop = None
+            if stop is None and self._gather and self._pending and not self._failing:
+                # Let the lines of the next few milliseconds join this one: one wake-up and
+                # one write for many, instead of one per request.
+                time.sleep(self._gather)
+                stop = self._take_queued()
             if stop is not None:
                 self._finish(stop)
                 return
@@ -440,6 +450,12 @@ class UsageWriter:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return stop
+
+    def _take_queued(self) -> _Stop | None:
+        try:
+            return self._take(self._queue.get_nowait())
+        except queue.Empty:
+            return None
 
     def _hold(self, record: dict) -> None:
         try:
