@@ -9,6 +9,7 @@ later can forward or log it.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 import re
 
@@ -39,6 +40,7 @@ def client_address(peer: str, forwarded_for: list[str], trusted: tuple) -> str:
     return addr
 
 
+@functools.lru_cache(maxsize=4096)  # the same few peers ask again and again
 def _normalize(ip: str) -> str:
     try:
         a = ipaddress.ip_address(ip.strip().strip("[]"))
@@ -58,13 +60,16 @@ def _in(ip: str, nets: tuple) -> bool:
 
 
 def presented_key(headers: http.Headers) -> str | None:
-    """The key from `Authorization: Bearer <key>` or `x-api-key`, or None.
+    """The key from `Authorization: Bearer <key>` or `x-api-key`, or None."""
+    return key_of(headers.get_all("authorization"), headers.get_all("x-api-key"))
+
+
+def key_of(auth: list[str], xkey: list[str]) -> str | None:
+    """The key the Authorization and x-api-key values present, or None.
 
     More than one credential header, or two that disagree, is no credential at all:
     a request must not be able to be one key to keygate and another to something else.
     """
-    auth = headers.get_all("authorization")
-    xkey = headers.get_all("x-api-key")
     if len(auth) > 1 or len(xkey) > 1:
         return None
     key = None
@@ -81,31 +86,51 @@ def presented_key(headers: http.Headers) -> str | None:
     return key
 
 
-CREDENTIAL_HEADERS = ("authorization", "x-api-key")
-# Never forwarded either: Proxy-Authorization is addressed to this proxy, which does not use
-# it, and api-key / x-goog-api-key are where Azure- and Gemini-style clients put a key.
-DROPPED_HEADERS = (*CREDENTIAL_HEADERS, "proxy-authorization", "api-key", "x-goog-api-key")
+# Never forwarded: the credential headers; Proxy-Authorization, addressed to this proxy,
+# which does not use it; api-key and x-goog-api-key, where Azure- and Gemini-style
+# clients put a key; and Origin (SPEC 3; Cors has read it before this runs).
+DROPPED_HEADERS = frozenset({b"authorization", b"x-api-key", b"proxy-authorization",
+                             b"api-key", b"x-goog-api-key", b"origin"})
 
 # Where else a key may sit in a header value: alone, after a scheme, as a cookie value.
-_TOKENS = re.compile(r"[^\s,;=\"']{8,}")
+_TOKENS = re.compile(rb"[^\s,;=\"']{8,}")
+
+
+def _text(b: bytes) -> str:
+    return b.decode("utf-8", "surrogateescape")  # as mitmproxy's Headers decode values
+
+
+def take_credentials(headers: http.Headers, keys: KeyRing | None) -> tuple[str | None, bool]:
+    """Remove the credential from the request headers and return (the presented key or
+    None, whether an Authorization or x-api-key header was there).
+
+    Also removed, so that no key a client copied elsewhere reaches the upstream: every
+    header of DROPPED_HEADERS, and (given `keys`) every other header whose value holds the
+    presented key or, as a token, any valid key of keys.yaml (keys are 8+ characters).
+    One pass over the raw fields: this runs for every request.
+    """
+    auth, xkey, kept = [], [], []
+    for field in headers.fields:
+        name = field[0].lower()
+        if name in DROPPED_HEADERS:
+            if name == b"authorization":
+                auth.append(_text(field[1]))
+            elif name == b"x-api-key":
+                xkey.append(_text(field[1]))
+        else:
+            kept.append(field)
+    secret = key_of(auth, xkey)
+    if keys is not None:
+        raw = secret.encode("utf-8", "surrogateescape") if secret else None
+        kept = [f for f in kept if not (
+            (raw and raw in f[1]) or any(keys.lookup_raw(t) for t in _TOKENS.findall(f[1])))]
+    if len(kept) != len(headers.fields):
+        headers.fields = tuple(kept)
+    return secret, bool(auth or xkey)
 
 
 def drop_credentials(flow: http.HTTPFlow) -> None:
-    for h in DROPPED_HEADERS:
-        flow.request.headers.pop(h, None)
-
-
-def drop_key_bearing(headers: http.Headers, secret: str | None, keys: KeyRing) -> None:
-    """Remove every other header that carries the presented key or any valid key of
-    keys.yaml (keys are at least 8 characters), so a key a client copied somewhere
-    never reaches the upstream."""
-    doomed = [
-        name for name, value in headers.items(multi=True)
-        if (secret and secret in value)
-        or any(keys.lookup(t) is not None for t in _TOKENS.findall(value))
-    ]
-    for name in doomed:
-        headers.pop(name, None)
+    take_credentials(flow.request.headers, None)
 
 
 class Auth:
@@ -129,12 +154,9 @@ class Auth:
         )
         flow.metadata["keygate.client_ip"] = ip
 
-        secret = presented_key(flow.request.headers)
-        had_header = any(h in flow.request.headers for h in CREDENTIAL_HEADERS)
         # The client's credential never goes further than this hook, nor does any other
         # header a client also put a key in.
-        drop_credentials(flow)
-        drop_key_bearing(flow.request.headers, secret, state.keys)
+        secret, had_header = take_credentials(flow.request.headers, state.keys)
 
         ep = endpoints.classify(flow.request.method, flow.request.path.split("?", 1)[0])
         exact = flow.request.data.method == flow.request.data.method.upper()  # see Policy

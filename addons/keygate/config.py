@@ -8,6 +8,7 @@ state; the `Config` addon decides when to read and swaps whole `Settings` object
 from __future__ import annotations
 
 import fnmatch
+import functools
 import ipaddress
 import os
 import re
@@ -45,9 +46,11 @@ def cloud_allowed(model: str, channels: "tuple[Channel, ...]") -> bool:
     return not is_cloud_model(model) or any(c.serves(model) for c in channels)
 
 
+@functools.lru_cache(maxsize=4096)
 def match_any(patterns: tuple[str, ...], name: str) -> bool:
     """Whether a model name matches a glob; a name without a tag also matches as
-    name:latest, so "llama3.2:*" covers a request for "llama3.2"."""
+    name:latest, so "llama3.2:*" covers a request for "llama3.2". Cached: every request
+    asks it for its key and for each channel, with the same few names."""
     tagged = with_default_tag(name)
     names = (name,) if tagged is None else (name, tagged)
     return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from mitmproxy import http
 
 from .configuration import Config
+from .headerfields import get_field, has_field
 
 ALLOW_METHODS = "GET, POST, DELETE, HEAD, OPTIONS"
 ALLOW_HEADERS = "authorization, content-type, x-api-key, anthropic-version, openai-beta"
@@ -26,7 +27,7 @@ class Cors:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
-        origin = flow.request.headers.get("origin")
+        origin = get_field(flow.request.headers, b"origin")
         if not origin or origin.lower() not in self.config.state.settings.cors_origins:
             return
         flow.metadata["keygate.origin"] = origin
@@ -41,7 +42,7 @@ class Cors:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if (flow.response is not None and flow.metadata.get("keygate.admitted")
-                and "access-control-allow-origin" in flow.response.headers):
+                and has_field(flow.response.headers, b"access-control-allow-origin")):
             # Only the upstream's headers: keygate's own preflight answer keeps its own.
             # Without Allow-Origin the others grant nothing, so most responses skip the scan.
             h = flow.response.headers

@@ -67,16 +67,20 @@ class Key:
     def allows_ip(self, ip: str) -> bool:
         if self.allow_ips is None:
             return True
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if addr.version == 6 and addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self.allow_ips)
+        addr = _address(ip)
+        return addr is not None and any(addr in net for net in self.allow_ips)
 
     def expired(self, now: dt.datetime) -> bool:
         return self.expires_at is not None and now >= self.expires_at
+
+
+@functools.lru_cache(maxsize=4096)  # the same few client addresses ask again and again
+def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    return addr.ipv4_mapped if addr.version == 6 and addr.ipv4_mapped else addr
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,10 @@ class KeyRing:
 
     def lookup(self, secret: str) -> Key | None:
         return self.by_digest.get(digest(secret))
+
+    def lookup_raw(self, secret: bytes) -> Key | None:
+        """lookup() of a key as the bytes on the wire (UTF-8, as digest() encodes)."""
+        return self.by_digest.get(hashlib.sha256(secret).digest())
 
     def __len__(self) -> int:
         return len(self.by_name)

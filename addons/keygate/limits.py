@@ -19,6 +19,7 @@ from mitmproxy import http
 
 from .configuration import Config
 from .errors import refuse
+from .headerfields import set_fields
 from .keys import Limits as KeyLimits
 from .usage import Usage
 
@@ -204,7 +205,7 @@ class Limits:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         hdrs = flow.metadata.get("keygate.ratelimit")
         if hdrs and flow.response is not None:
-            flow.response.headers.update(hdrs)
+            set_fields(flow.response.headers, hdrs)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._end(flow)

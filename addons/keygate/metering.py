@@ -22,6 +22,7 @@ from . import endpoints
 from .config import cloud_allowed
 from .configuration import Config
 from .errors import make_error
+from .headerfields import get_field
 
 log = logging.getLogger("keygate")
 
@@ -232,7 +233,8 @@ class Meter:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if not flow.metadata.get("keygate.admitted") or flow.response is None:
             return
-        ctype = flow.response.headers.get("content-type", "").split(";")[0].strip().lower()
+        ctype = (get_field(flow.response.headers, b"content-type") or "").split(";")[0]
+        ctype = ctype.strip().lower()
         if ctype not in STREAM_TYPES:
             return  # read whole in the response hook
         ep = endpoints.classify(flow.request.method, _client_path(flow))
@@ -275,7 +277,7 @@ class Meter:
     def _read_body(self, flow: http.HTTPFlow) -> Tally:
         tally = Tally(finished=True)
         resp = flow.response
-        ctype = resp.headers.get("content-type", "")
+        ctype = get_field(resp.headers, b"content-type") or ""
         if "json" not in ctype or not resp.raw_content:
             return tally
         ep = endpoints.classify(flow.request.method, _client_path(flow))

@@ -45,6 +45,7 @@ def keep_alive_is_disruptive(value: object) -> bool:
 # checked "model". Bodies that spell these any other way are refused.
 INSPECTED = frozenset({"model", "name", "stream", "stream_options", "keep_alive",
                        "_debug_render_only"})
+_INSPECTED_LENGTHS = frozenset(len(n) for n in INSPECTED)
 
 
 def _folds_onto(key: str, name: str) -> bool:
@@ -58,7 +59,7 @@ def _folds_onto(key: str, name: str) -> bool:
 def miscased_field(doc: dict) -> str | None:
     """The first top-level field that is an inspected name in other letter case."""
     for k in doc:
-        if k not in INSPECTED and isinstance(k, str) and any(
+        if k not in INSPECTED and len(k) in _INSPECTED_LENGTHS and any(
                 _folds_onto(k, name) for name in INSPECTED):
             return k
     return None

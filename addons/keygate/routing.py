@@ -2,10 +2,11 @@
 
 It picks the channel for the requested model (highest priority first, spread by weight,
 skipping channels that are cooling down after failures), rewrites scheme, host, port and
-path for it, puts the upstream model name in the body, swaps the client's credential for
-the channel's own, and drops `Origin`. Without channels it leaves the destination to
-mitmdump's reverse target. It is the last addon to touch a request, so it is the one that
-marks it admitted; the fail-closed guard refuses anything not so marked.
+path for it, puts the upstream model name in the body, and gives the upstream the
+channel's own credential (Auth has removed the client's, and Origin). Without channels
+it leaves the destination to mitmdump's reverse target. It is the last addon to touch a
+request, so it is the one that marks it admitted; the fail-closed guard refuses anything
+not so marked.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def choose(cands: list[Channel], health: Health, rng: random.Random) -> Channel 
     that failed longest ago (it is the likeliest to be back)."""
     if not cands:
         return None
-    healthy = [c for c in cands if not health.cooling(c.name)]
+    healthy = [c for c in cands if not health.cooling(c.name)] if health.until else cands
     if not healthy:
         return min(cands, key=lambda c: health.failed_at.get(c.name, 0.0))
     top = max(c.priority for c in healthy)
@@ -102,6 +103,10 @@ class Router:
         self.health = Health()
         self.rng = rng or random.Random()
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        # candidates() per (model, native) for the settings in force: the same few models
+        # are asked for again and again, and patterns cost more than a lookup.
+        self._routes: dict[tuple[str | None, bool], list[Channel]] = {}
+        self._routes_for: object = None
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         # Blob uploads stream their body: they leave before the request hook.
@@ -133,13 +138,15 @@ class Router:
         model = flow.metadata.get("keygate.model")
         doc = flow.metadata.pop("keygate.body", None)
         changed = flow.metadata.pop("keygate.body_changed", False)
-        channels = self.config.state.settings.channels
+        settings = self.config.state.settings
+        channels = settings.channels
 
         channel = None
         if channels:
             # Admin calls and reads without a model go to the first Ollama channel.
             routed_model = model if ep.kind in ("inference", "show", "model") else None
-            channel = choose(candidates(channels, routed_model, ep.native), self.health, self.rng)
+            channel = choose(self._candidates(settings, routed_model, ep.native),
+                             self.health, self.rng)
             if channel is None:
                 where = " on the native Ollama API" if ep.native else ""
                 refuse(flow, "model_not_found",
@@ -152,9 +159,12 @@ class Router:
         if channel:
             if ep.kind == "model" and upstream_model != model:
                 path = "/v1/models/" + quote(upstream_model, safe=":@")
-            flow.request.scheme = channel.scheme
-            flow.request.host = channel.host
-            flow.request.port = channel.port
+            req = flow.request
+            if (req.host, req.port, req.scheme) != (channel.host, channel.port, channel.scheme):
+                # (Each setter rewrites the Host header: skipped when nothing changes.)
+                req.scheme = channel.scheme
+                req.host = channel.host
+                req.port = channel.port
             flow.request.path = channel.upstream_path(path) + sep + query
             flow.metadata["keygate.channel"] = channel.name
             if channel.api_key:
@@ -179,7 +189,6 @@ class Router:
             if changed:
                 flow.request.content = encode_json(doc)
 
-        flow.request.headers.pop("origin", None)
         if not (flow.request.is_http2 or flow.request.is_http3):
             # An absolute-form target ("POST http://host/api/chat") would go upstream as
             # sent, and Go's net/http takes the request's host from it: send the origin
@@ -192,6 +201,17 @@ class Router:
             return
         timeout = self.config.state.settings.upstream_timeout
         self._timers[flow.id] = loop.call_later(timeout, self._expire, flow, timeout)
+
+    def _candidates(self, settings: object, model: str | None, native: bool) -> list[Channel]:
+        if settings is not self._routes_for:
+            self._routes, self._routes_for = {}, settings
+        found = self._routes.get((model, native))
+        if found is None:
+            found = candidates(settings.channels, model, native)
+            if len(self._routes) >= 4096:  # many distinct names (a client probing): start over
+                self._routes.clear()
+            self._routes[(model, native)] = found
+        return found
 
     def _expire(self, flow: http.HTTPFlow, timeout: float) -> None:
         """No response headers within upstream_timeout_s: give up on the upstream.

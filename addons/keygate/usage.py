@@ -10,8 +10,9 @@ here, in memory, from the same record, so quotas see what the log says.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
+import math
+import random
 import secrets
 import time
 from collections.abc import Awaitable
@@ -21,6 +22,7 @@ from mitmproxy import flow as mitmproxy_flow
 
 from .configuration import Config
 from .errors import refuse
+from .headerfields import set_fields
 from .ledger import Ledger
 from .usagelog import UsageWriter
 
@@ -32,13 +34,32 @@ ID_HEADER = "x-keygate-request-id"
 DRAIN_SECONDS = 8.0
 
 
+# Request ids name log lines, they grant nothing: 80 random bits from a generator seeded
+# once from the OS, instead of a system call for every request.
+_ids = random.Random(secrets.randbits(128))
+
+
 def new_request_id() -> str:
-    return "req_" + secrets.token_hex(10)
+    return f"req_{_ids.getrandbits(80):020x}"
+
+
+_second: tuple[int, str] = (-1, "")
 
 
 def iso_ms(ts: float) -> str:
-    t = dt.datetime.fromtimestamp(ts, dt.timezone.utc)
-    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+    """ISO 8601 UTC with milliseconds, as datetime.fromtimestamp(ts, utc) gives them
+    (microseconds rounded half to even, then cut to milliseconds). The date and time of
+    the current second are formatted once for all the requests in it."""
+    global _second
+    frac, whole = math.modf(ts)  # the rounding datetime.fromtimestamp does
+    sec, us = int(whole), round(frac * 1e6)
+    if us >= 1_000_000:
+        sec, us = sec + 1, us - 1_000_000
+    elif us < 0:
+        sec, us = sec - 1, us + 1_000_000
+    if _second[0] != sec:
+        _second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec)))
+    return f"{_second[1]}{us // 1000:03d}Z"
 
 
 def client_gone(flow: http.HTTPFlow) -> bool:
@@ -227,9 +248,12 @@ class Usage:
 
     @staticmethod
     def _stamp(flow: http.HTTPFlow) -> None:
-        if flow.response is not None:
-            flow.response.headers[ID_HEADER] = flow.metadata.setdefault(
-                "keygate.id", new_request_id())
+        # Once per response object: the response hook follows responseheaders for most.
+        if flow.response is not None and flow.metadata.get("keygate.stamped") != id(
+                flow.response):
+            set_fields(flow.response.headers,
+                       {ID_HEADER: flow.metadata.setdefault("keygate.id", new_request_id())})
+            flow.metadata["keygate.stamped"] = id(flow.response)
 
     def client_disconnected(self, client) -> None:
         # A flow mitmproxy gave up on without a response or error hook (its connection

@@ -1,0 +1,34 @@
+"""Header edits on the raw fields of a mitmproxy message.
+
+mitmproxy's `Headers` mapping API (`h[name] = v`, `name in h`, `h.update(...)`) lower-cases
+and scans every field once per call, in Python. keygate touches a few headers on every
+response, so it edits `headers.fields` in one pass instead; the result is the same.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from mitmproxy import http
+
+
+def has_field(headers: http.Headers, name: bytes) -> bool:
+    """Whether a header `name` (lower case) is present."""
+    return any(f[0].lower() == name for f in headers.fields)
+
+
+def get_field(headers: http.Headers, name: bytes) -> str | None:
+    """The first value of header `name` (lower case), as `headers.get(name)` gives it."""
+    for f in headers.fields:
+        if f[0].lower() == name:
+            return f[1].decode("utf-8", "surrogateescape")
+    return None
+
+
+def set_fields(headers: http.Headers, values: Mapping[str, str]) -> None:
+    """headers[name] = value for each item (names in lower case): any existing fields of
+    those names are replaced, the new ones go last."""
+    new = tuple((k.encode("ascii"), v.encode("utf-8", "surrogateescape"))
+                for k, v in values.items())
+    names = {k for k, _ in new}
+    headers.fields = tuple(f for f in headers.fields if f[0].lower() not in names) + new
