@@ -29,6 +29,7 @@ KEY_FIELDS = {
     "key", "key_sha256", "enabled", "expires_at", "models", "scopes", "allow_ips", "limits",
 }
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
+HEX64_RE = re.compile(r"[0-9a-fA-F]{64}")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -282,7 +283,7 @@ def _parse_key(name: str, spec: Any, err) -> Key:
         d = digest(secret)
     else:
         hexd = spec["key_sha256"]
-        if not isinstance(hexd, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", hexd):
+        if not isinstance(hexd, str) or not HEX64_RE.fullmatch(hexd):
             raise err("key_sha256 must be 64 hex digits", "key_sha256")
         d = bytes.fromhex(hexd)
 
