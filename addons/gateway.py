@@ -14,6 +14,7 @@ from keygate.authentication import Auth
 from keygate.catalog import Catalog
 from keygate.configuration import Config
 from keygate.cors import Cors
+from keygate.deadlines import Deadlines
 from keygate.limits import Limits
 from keygate.metering import Meter
 from keygate.policy import Policy
@@ -26,6 +27,7 @@ usage = Usage(config)
 
 addons = [
     config,  # gateway.toml and keys.yaml, reloaded when they change
+    Deadlines(config),  # slow clients: request head and body deadlines close the connection
     Cors(config),  # preflight answers and CORS headers for cors_origins
     Auth(config),  # client address and API key -> key name
     Policy(config),  # endpoint table, scopes, body checks, model permissions

@@ -106,6 +106,8 @@ class Settings:
     usage_log_keep: int = 10
     max_body_bytes: int = 32 * MB
     upstream_timeout: float = 300.0
+    client_header_timeout: float = 60.0
+    client_body_timeout: float = 120.0
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     cors_origins: frozenset[str] = frozenset()
     channels: tuple[Channel, ...] = ()
@@ -158,7 +160,8 @@ def parse_settings(text: str, path: Path, environ: Mapping[str, str] = os.enviro
         raise where.error("[gateway] must be a table", "gateway")
     known = {
         "keys_file", "usage_log", "usage_log_max_mb", "usage_log_keep", "max_body_mb",
-        "upstream_timeout_s", "trusted_proxies", "cors_origins",
+        "upstream_timeout_s", "client_header_timeout_s", "client_body_timeout_s",
+        "trusted_proxies", "cors_origins",
     }
     for k in gw:
         if k not in known:
@@ -217,6 +220,8 @@ def parse_settings(text: str, path: Path, environ: Mapping[str, str] = os.enviro
         usage_log_keep=int(number("usage_log_keep", 10, 0, integer=True)),
         max_body_bytes=int(number("max_body_mb", 32, 0.001) * MB),
         upstream_timeout=float(number("upstream_timeout_s", 300, 0.001)),
+        client_header_timeout=float(number("client_header_timeout_s", 60, 0.001)),
+        client_body_timeout=float(number("client_body_timeout_s", 120, 0.001)),
         trusted_proxies=tuple(proxies),
         cors_origins=frozenset(origins),
         channels=channels,

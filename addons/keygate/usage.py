@@ -72,6 +72,11 @@ def mitmproxy_ended(flow: http.HTTPFlow) -> tuple[int, str | None] | None:
     md = flow.metadata
     if md.get("keygate.malformed"):
         return 400, "invalid_request"  # mitmproxy's own 400 for a malformed request
+    if md.get("keygate.error") == "request_timeout":
+        # Deadlines closed the connection: the body did not arrive within
+        # client_body_timeout_s. Nothing was sent or forwarded; nginx logs such a
+        # request as 408.
+        return 408, "request_timeout"
     if flow.error.msg.startswith("Request body exceeds mitmproxy's body_size_limit"):
         # mitmproxy's 413 goes out in place of any answer keygate had chosen.
         return 413, "request_too_large"
