@@ -125,6 +125,7 @@ def write_log(path: Path, lines: list[bytes]) -> None:
     ({"key": "a", "error": "rate_limit_exceeded"}, False),
     ({"key": "a", "error": "insufficient_quota"}, False),
     ({"key": "a", "error": "gateway_unavailable"}, False),
+    ({"key": "a", "error": "request_timeout"}, False),  # its body never came: not forwarded
     ({"key": None, "error": None}, False),
     ({"error": None}, False),
     ({"key": "a"}, True),
@@ -139,7 +140,7 @@ def test_refused_is_every_code_keygate_answers_itself():
     assert REFUSED == {
         "invalid_request", "invalid_api_key", "permission_denied", "unknown_endpoint",
         "model_not_found", "request_too_large", "rate_limit_exceeded", "insufficient_quota",
-        "gateway_unavailable"}
+        "gateway_unavailable", "request_timeout"}
 
 
 @pytest.mark.parametrize("ts, day", [

@@ -45,7 +45,7 @@ log = logging.getLogger("keygate")
 REFUSED = frozenset({
     "invalid_request", "invalid_api_key", "permission_denied", "unknown_endpoint",
     "model_not_found", "request_too_large", "rate_limit_exceeded", "insufficient_quota",
-    "gateway_unavailable",
+    "gateway_unavailable", "request_timeout",
 })
 WINDOW_DAYS = 3
 SIDECAR_VERSION = 1
