@@ -9,7 +9,7 @@ the addons in hook order; each lives in its own module of the keygate package be
 Those modules load once per process: after editing them, restart mitmdump.
 """
 
-from keygate import failclosed
+from keygate import failclosed, redact
 from keygate.authentication import Auth
 from keygate.catalog import Catalog
 from keygate.configuration import Config
@@ -38,5 +38,6 @@ addons = [
     usage,  # request ids and the usage log
 ]
 
-# Outside the list on purpose: it must survive a broken reload of this file.
+# Outside the list on purpose: they must survive a broken reload of this file.
 failclosed.install()
+redact.install()  # no request bytes (keys) in mitmproxy's own log lines

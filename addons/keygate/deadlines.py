@@ -31,8 +31,6 @@ log = logging.getLogger("keygate")
 
 TICK = 0.5  # seconds between checks at most; a quarter of the shorter timeout if less
 MIN_TICK = 0.05
-# mitmproxy logs the bytes of a head cut off by a close, keys included; see _Redact.
-CUT_HEAD = "Client closed connection before completing request headers"
 
 
 class _Conn:
@@ -46,21 +44,6 @@ class _Conn:
         self.idle_since = idle_since  # None while a flow is in flight
 
 
-class _Redact(logging.Filter):
-    """mitmproxy's log line for a head cut off by a close shows that head, any key in it.
-    For the connections keygate closed itself, keep the line but not the bytes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.peers: set[object] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.peers and getattr(record, "client", None) in self.peers and isinstance(
-                record.msg, str) and record.msg.startswith(CUT_HEAD):
-            record.msg, record.args = CUT_HEAD + " (closed by keygate; not shown)", ()
-        return True
-
-
 class Deadlines:
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
@@ -70,14 +53,11 @@ class Deadlines:
         self.bodies: dict[str, tuple[float, http.HTTPFlow]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._redact = _Redact()
-        self._server_log = logging.getLogger("mitmproxy.proxy.server")
 
     # -- lifecycle ------------------------------------------------------------------
 
     def running(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._server_log.addFilter(self._redact)
         s = self.config.state.settings
         log.info("keygate: client deadlines: request head %g s, request body %g s",
                  s.client_header_timeout, s.client_body_timeout)
@@ -88,7 +68,6 @@ class Deadlines:
             self._timer.cancel()
             self._timer = None
         self._loop = None
-        self._server_log.removeFilter(self._redact)
 
     # -- hooks: bookkeeping only, O(1) --------------------------------------------------
 
@@ -102,7 +81,6 @@ class Deadlines:
         if c is not None:
             for fid in c.flows:
                 self.bodies.pop(fid, None)
-        self._redact.peers.discard(client.peername)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         # No "already answered" guard: a refused request still has its body read.
@@ -206,7 +184,6 @@ class Deadlines:
         self._forget(c)
         peer = c.client.peername[0] if c.client.peername else "?"
         log.warning("keygate: closed connection from %s: %s", peer, why)
-        self._redact.peers.add(c.client.peername)
         handler.close_connection(handler.client)
         return True
 
