@@ -52,11 +52,7 @@ def read_state(config_path: str | None, missing_keys_ok: bool,
                cache: keys.EntryCache | None = None) -> State:
     """Parse both files into a State, or raise ConfigError. Pure apart from reading."""
     settings = load_settings(config_path or None)
-    if settings.keys_file.exists() and not (
-            settings.keys_file.is_file() or settings.keys_file.is_dir()):
-        # Reading a FIFO (or a device) would block the reload thread for good.
-        raise ConfigError(f"{settings.keys_file}: cannot read: not a regular file")
-    if not settings.keys_file.exists() and missing_keys_ok:
+    if missing_keys_ok and not settings.keys_file.exists():
         log.warning(
             "keygate: %s does not exist: no key is valid, every request will be refused. "
             "Create a key with scripts/keys add NAME.", settings.keys_file)
@@ -170,7 +166,9 @@ class Config:
                 failed = now
                 continue
             failed = None
-            self._swap(new)
+            # The fingerprints taken before the read: an edit made while it was parsed
+            # (scripts/keys twice in a row) still differs from them and is read next.
+            self.state, self._watched = new, now
             log.info(
                 "keygate: reloaded configuration (%d keys, %d channels)",
                 len(new.keys), len(new.settings.channels))

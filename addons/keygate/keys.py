@@ -104,6 +104,9 @@ EMPTY = KeyRing({}, {})
 
 
 def load_keys(path: Path, cache: "EntryCache | None" = None) -> KeyRing:
+    if path.exists() and not (path.is_file() or path.is_dir()):
+        # Reading a FIFO (or a device) would block the reload thread for good.
+        raise ConfigError(f"{path}: cannot read: not a regular file")
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
