@@ -46,6 +46,7 @@ from .keytool import (
     note,
     read_text,
     reason,
+    render_table,
     run_cli,
     tool_environ,
     write_atomic,
@@ -86,7 +87,7 @@ def channel_list(doc: dict[str, Any], path: Path) -> list[Any]:
 def save(path: Path, old_text: str | None, doc: dict[str, Any]) -> Settings:
     """Validate `doc` as the gateway would read it, then write it atomically."""
     new_text = tomli_w.dumps(doc)
-    env, _ = tool_environ(doc)
+    env = tool_environ(doc)
     try:
         settings = parse_settings(new_text, path, environ=env)
     except ConfigError as e:
@@ -226,9 +227,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         ]
         for r in rows
     ]
-    widths = [max(len(x) for x in col) for col in zip(*table)]
-    for row in table:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    print(render_table(table))
     return 0
 
 

@@ -7,6 +7,7 @@ state; the `Config` addon decides when to read and swaps whole `Settings` object
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
 import ipaddress
@@ -114,12 +115,8 @@ class Settings:
 
 
 def default_settings(path: Path = DEFAULT_CONFIG) -> Settings:
-    base = path.parent
-    return Settings(
-        path=None,
-        keys_file=base / "keys.yaml",
-        usage_log=(base / "../logs/usage.jsonl").resolve(),
-    )
+    """What a missing gateway.toml at `path` means: parse_settings' defaults."""
+    return dataclasses.replace(parse_settings("", path), path=None)
 
 
 def load_settings(path: str | os.PathLike | None = None) -> Settings:

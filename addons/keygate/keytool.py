@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import hashlib
 import io
 import json
 import os
@@ -41,7 +40,7 @@ from typing import Any, Callable, Iterator, Mapping
 import yaml
 
 from .config import DEFAULT_CONFIG, ConfigError, Settings, default_settings, parse_settings
-from .keys import LIMIT_NAMES, NAME_RE, SCOPES, Key, KeyRing, parse_keys, parse_when
+from .keys import LIMIT_NAMES, NAME_RE, SCOPES, Key, KeyRing, digest, parse_keys, parse_when
 
 KEY_ALPHABET = string.ascii_letters + string.digits
 KEY_LENGTH = 48
@@ -70,23 +69,20 @@ def config_path(arg: str | None) -> Path:
     return Path(raw).expanduser().resolve()
 
 
-def tool_environ(doc: Mapping[str, Any] | None) -> tuple[dict[str, str], list[str]]:
+def tool_environ(doc: Mapping[str, Any] | None) -> dict[str, str]:
     """os.environ plus a placeholder for every channel api_key_env that is unset here.
 
     The gateway's own environment holds the upstream credentials, often not the operator's
-    shell: a CLI that only edits files must not fail because of that. Returns the
-    environment and the names that were filled in.
+    shell: a CLI that only edits files must not fail because of that.
     """
     env = dict(os.environ)
-    missing = []
     channels = (doc or {}).get("channels")
     if isinstance(channels, list):
         for ch in channels:
             var = ch.get("api_key_env") if isinstance(ch, dict) else None
             if isinstance(var, str) and var and not env.get(var):
                 env[var] = PLACEHOLDER
-                missing.append(var)
-    return env, missing
+    return env
 
 
 def read_text(path: Path) -> str | None:
@@ -111,7 +107,7 @@ def load_gateway(path: Path) -> Settings:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError:
         doc = None  # parse_settings reports it with the file name
-    env, _ = tool_environ(doc)
+    env = tool_environ(doc)
     try:
         return parse_settings(text, path, environ=env)
     except ConfigError as e:
@@ -490,7 +486,7 @@ def new_secret() -> str:
 
 
 def sha256_hex(secret: str) -> str:
-    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+    return digest(secret).hex()
 
 
 def _quoted(value: str):
@@ -756,10 +752,13 @@ def _table(rows: list[dict[str, Any]]) -> str:
         ])
     header = ["NAME", "ENABLED", "EXPIRES", "SCOPES", "MODELS", "ALLOW_IPS", "LIMITS",
               "REQ_TODAY", "TOK_TODAY"]
-    widths = [max(len(x) for x in col) for col in zip(header, *shown)]
-    return "\n".join(
-        "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in [header, *shown]
-    )
+    return render_table([header, *shown])
+
+
+def render_table(rows: list[list[str]]) -> str:
+    """Rows as left-aligned columns two spaces apart (the first row is the header)."""
+    widths = [max(len(x) for x in col) for col in zip(*rows)]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def cmd_list(args: argparse.Namespace) -> int:

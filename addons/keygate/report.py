@@ -207,8 +207,9 @@ def format_table(rows: list[Row], by: tuple[str, ...]) -> str:
     grid = [labels + list(COUNTERS)]
     if by:
         grid += [["-" if v is None else v for v in r.group] + cs for r, cs in zip(rows, counters)]
+    whole = total(rows)
     grid.append(["TOTAL"] + [""] * (len(labels) - 1)
-                + [f"{getattr(total(rows), c):,}" for c in COUNTERS])
+                + [f"{getattr(whole, c):,}" for c in COUNTERS])
     widths = [max(len(line[i]) for line in grid) for i in range(len(grid[0]))]
 
     def fmt(line: list[str]) -> str:
