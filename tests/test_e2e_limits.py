@@ -26,6 +26,24 @@ def post(gw, name="lim", body=GEN, path="/api/generate"):
     return httpx.post(gw.url + path, json=body, headers=gw.key(name).auth, timeout=10)
 
 
+def test_a_streamed_upload_over_its_limit_gets_its_429(fake, make_gateway):
+    """Blob uploads stream upstream as they arrive; refusing one after Policy set it to
+    stream (here: Limits) must still answer, not hang the client."""
+    keys = default_keys()
+    keys["adm"] = KeySpec("adm", settings={"scopes": ["inference", "models", "admin"],
+                                           "limits": {"rpm": 1}})
+    gw = make_gateway(fake.url, keys=keys).start()
+    blob = b"x" * 1000
+    url = gw.url + "/api/blobs/sha256:" + hashlib.sha256(blob).hexdigest()
+    first = httpx.post(url, content=blob, headers=gw.key("adm").auth, timeout=10)
+    assert first.status_code < 400
+    r = httpx.post(url, content=blob, headers=gw.key("adm").auth, timeout=10)
+    assert r.status_code == 429 and r.headers["x-keygate-error"] == "rate_limit_exceeded"
+    rec = gw.usage_for(r.headers["x-keygate-request-id"])
+    assert rec["status"] == 429 and rec["completed"] is True
+    assert "NotImplementedError" not in gw.output
+
+
 def test_rpm_refuses_exactly_the_next_request(fake, make_gateway):
     gw = make_gateway(fake.url, keys=limited(rpm=3)).start()
     before = len(fake.requests)

@@ -55,4 +55,7 @@ def make_error(
 
 def refuse(flow: http.HTTPFlow, code: str, message: str, **headers: str) -> None:
     names = {k.replace("_", "-"): v for k, v in headers.items()}
+    # An upload Policy set to stream (blobs) is refused by whatever addon refuses it:
+    # mitmproxy cannot answer a request it is still streaming upstream.
+    flow.request.stream = False
     flow.response = make_error(flow, code, message, names)

@@ -24,6 +24,7 @@ from . import endpoints
 from .config import Channel
 from .configuration import Config
 from .errors import refuse
+from .headerfields import has_field, set_fields
 from .usage import client_gone
 
 log = logging.getLogger("keygate")
@@ -130,9 +131,9 @@ class Router:
             # its body: without content-length the upstream would read the body as the next
             # request on the connection (request smuggling, past the endpoint table).
             if not flow.request.stream:
-                flow.request.headers["content-length"] = str(len(flow.request.raw_content or b""))
-            elif "content-length" not in flow.request.headers:
-                flow.request.stream = False  # mitmproxy cannot answer a streaming request
+                set_fields(flow.request.headers,
+                           {"content-length": str(len(flow.request.raw_content or b""))})
+            elif not has_field(flow.request.headers, b"content-length"):
                 refuse(flow, "invalid_request", "An HTTP/2 upload needs a content-length.")
                 return
         model = flow.metadata.get("keygate.model")
@@ -168,7 +169,7 @@ class Router:
             flow.request.path = channel.upstream_path(path) + sep + query
             flow.metadata["keygate.channel"] = channel.name
             if channel.api_key:
-                flow.request.headers["authorization"] = f"Bearer {channel.api_key}"
+                set_fields(flow.request.headers, {"authorization": f"Bearer {channel.api_key}"})
                 flow.metadata["keygate.credential"] = True
         if doc is not None:
             if upstream_model != model:
