@@ -149,7 +149,8 @@ class Auth:
         settings = state.settings
         ip = client_address(
             flow.client_conn.peername[0],
-            flow.request.headers.get_all("x-forwarded-for"),
+            # (Only read when it can matter.)
+            flow.request.headers.get_all("x-forwarded-for") if settings.trusted_proxies else [],
             settings.trusted_proxies,
         )
         flow.metadata["keygate.client_ip"] = ip
@@ -158,9 +159,8 @@ class Auth:
         # header a client also put a key in.
         secret, had_header = take_credentials(flow.request.headers, state.keys)
 
-        ep = endpoints.classify(flow.request.method, flow.request.path.split("?", 1)[0])
-        exact = flow.request.data.method == flow.request.data.method.upper()  # see Policy
-        if ep is not None and ep.scope is None and exact:
+        ep = endpoints.classify_request(flow.request)
+        if ep is not None and ep.scope is None:
             return  # answered by keygate without a key (GET /)
 
         if secret is None:

@@ -56,7 +56,10 @@ class Cors:
     @staticmethod
     def _allow(flow: http.HTTPFlow) -> None:
         origin = flow.metadata.get("keygate.origin")
-        if origin and flow.response is not None:
+        # Once per response: the response hook follows responseheaders for most.
+        if origin and flow.response is not None and flow.metadata.get(
+                "keygate.cors") != id(flow.response):
+            flow.metadata["keygate.cors"] = id(flow.response)
             h = flow.response.headers
             h["access-control-allow-origin"] = origin
             h["access-control-expose-headers"] = EXPOSE_HEADERS

@@ -82,6 +82,22 @@ def classify(method: str, path: str) -> Endpoint | None:
     return None
 
 
+def classify_request(request) -> Endpoint | None:
+    """classify() for a mitmproxy request as received. Methods are matched as sent:
+    mitmproxy upper-cases `.method` but forwards the method as received, and upstreams
+    route methods case-sensitively, so "get" is not GET, nor in the table."""
+    raw = request.data.method
+    if raw != raw.upper():
+        return None
+    return classify(request.method, request.path.split("?", 1)[0])
+
+
+def client_path(flow) -> str:
+    """The path the client asked for, without the query: Auth records it before the
+    router rewrites flow.request.path."""
+    return flow.metadata.get("keygate.path") or flow.request.path.split("?", 1)[0]
+
+
 def path_model(path: str) -> str:
     """The model named by GET /v1/models/{model}."""
     return unquote(path[11:])

@@ -237,7 +237,7 @@ class Meter:
         ctype = ctype.strip().lower()
         if ctype not in STREAM_TYPES:
             return  # read whole in the response hook
-        ep = endpoints.classify(flow.request.method, _client_path(flow))
+        ep = endpoints.classify(flow.request.method, endpoints.client_path(flow))
         tally = Tally()
         self.tallies[flow.id] = tally
         flow.metadata["keygate.stream"] = True
@@ -280,7 +280,7 @@ class Meter:
         ctype = get_field(resp.headers, b"content-type") or ""
         if "json" not in ctype or not resp.raw_content:
             return tally
-        ep = endpoints.classify(flow.request.method, _client_path(flow))
+        ep = endpoints.classify(flow.request.method, endpoints.client_path(flow))
         if ep is None:
             return tally
         try:
@@ -336,9 +336,6 @@ class Meter:
         return False
 
 
-def _client_path(flow: http.HTTPFlow) -> str:
-    """The path the client asked for (the router may have rewritten flow.request.path)."""
-    return flow.metadata.get("keygate.path") or flow.request.path.split("?", 1)[0]
 
 
 def _alias(flow: http.HTTPFlow) -> tuple[str, str] | None:

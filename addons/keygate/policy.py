@@ -17,6 +17,7 @@ from . import endpoints
 from .config import cloud_allowed
 from .configuration import Config
 from .errors import refuse
+from .headerfields import get_field
 
 ROOT_TEXT = b"keygate is running\n"
 
@@ -81,11 +82,7 @@ class Policy:
         if flow.response or flow.error or not flow.live:
             return
         path = flow.request.path.split("?", 1)[0]
-        ep = endpoints.classify(flow.request.method, path)
-        if flow.request.data.method != flow.request.data.method.upper():
-            # mitmproxy upper-cases .method but forwards the method as received, and
-            # upstreams route methods case-sensitively: "get" is not GET, nor in the table.
-            ep = None
+        ep = endpoints.classify_request(flow.request)
         if ep is not None and ep.kind == "root":
             flow.response = root_response(flow.request.method)
             return
@@ -96,14 +93,13 @@ class Policy:
         if ep is None:
             refuse(flow, "unknown_endpoint", f"Unknown endpoint: {flow.request.method} {path}")
             return
-        flow.metadata["keygate.endpoint"] = ep.path
         if ep.scope not in key.scopes:
             refuse(flow, "permission_denied",
                    f"This API key may not use {flow.request.method} {ep.path}: "
                    f"it needs the '{ep.scope}' scope.")
             return
         limit = self.config.state.settings.max_body_bytes
-        declared = flow.request.headers.get("content-length", "")
+        declared = get_field(flow.request.headers, b"content-length") or ""
         if declared.isdigit() and int(declared) > limit and ep.kind != "upload":
             refuse(flow, "request_too_large",
                    f"Request body is larger than this gateway accepts ({limit} bytes).")

@@ -20,6 +20,7 @@ from collections.abc import Awaitable
 from mitmproxy import ctx, http
 from mitmproxy import flow as mitmproxy_flow
 
+from . import endpoints
 from .configuration import Config
 from .errors import refuse
 from .headerfields import set_fields
@@ -129,7 +130,7 @@ def build_record(flow: http.HTTPFlow, now: float) -> dict:
         "error": error,
         # As received: mitmproxy's .method is upper-cased.
         "method": flow.request.data.method.decode("utf-8", "surrogateescape"),
-        "path": md.get("keygate.path") or flow.request.path.split("?", 1)[0],
+        "path": endpoints.client_path(flow),
         "model": md.get("keygate.model"),
         "upstream_model": md.get("keygate.upstream_model"),
         "channel": md.get("keygate.channel"),
