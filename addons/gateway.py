@@ -6,7 +6,9 @@ OpenAI-compatible servers, as mitmproxy addons.
 
 (`scripts/serve` runs exactly that, with the settings keygate wants.) This file only lists
 the addons in hook order; each lives in its own module of the keygate package beside it.
-Those modules load once per process: after editing them, restart mitmdump.
+mitmproxy sees them as one addon, a `Pipeline` that calls them in this order (one hook
+lookup per event instead of one per addon: keygate/pipeline.py). The modules load once per
+process: after editing them, restart mitmdump.
 """
 
 from keygate import failclosed, redact
@@ -17,6 +19,7 @@ from keygate.cors import Cors
 from keygate.deadlines import Deadlines
 from keygate.limits import Limits
 from keygate.metering import Meter
+from keygate.pipeline import Pipeline
 from keygate.policy import Policy
 from keygate.routing import Router
 from keygate.usage import Usage
@@ -25,7 +28,7 @@ config = Config()
 router = Router(config)
 usage = Usage(config)
 
-addons = [
+stages = [
     config,  # gateway.toml and keys.yaml, reloaded when they change
     Deadlines(config),  # slow clients: request head and body deadlines close the connection
     Cors(config),  # preflight answers and CORS headers for cors_origins
@@ -38,6 +41,8 @@ addons = [
     usage,  # request ids and the usage log
 ]
 
-# Outside the list on purpose: they must survive a broken reload of this file.
+addons = [Pipeline(stages)]
+
+# Outside the pipeline on purpose: they must survive a broken reload of this file.
 failclosed.install()
 redact.install()  # no request bytes (keys) in mitmproxy's own log lines

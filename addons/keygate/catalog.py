@@ -15,6 +15,7 @@ import json
 import logging
 import time
 import urllib.request
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from mitmproxy import http
@@ -23,6 +24,7 @@ from . import endpoints
 from .config import Channel
 from .configuration import Config
 from .errors import refuse
+from .keys import Key
 from .routing import Router
 
 log = logging.getLogger("keygate")
@@ -109,19 +111,24 @@ class Catalog:
         self._cache: dict[tuple[str, str], tuple[float, list[ModelInfo]]] = {}
         self._pending: dict[tuple[str, str], asyncio.Future] = {}
 
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        # Plain, not async: every request passes here and only model lists need a coroutine.
         if flow.response or flow.error or not flow.live:
-            return
+            return None
         channels = self.config.state.settings.channels
         if not channels:
-            return
+            return None
         path = flow.request.path.split("?", 1)[0]
         ep = endpoints.classify(flow.request.method, path)
         if ep is None or ep.kind not in ("list", "model"):
-            return
+            return None
         key = self.config.state.keys.by_name.get(flow.metadata.get("keygate.key"))
         if key is None:
-            return
+            return None
+        return self._answer(flow, ep, path, key, channels)
+
+    async def _answer(self, flow: http.HTTPFlow, ep: endpoints.Endpoint, path: str, key: Key,
+                      channels: tuple[Channel, ...]) -> None:
         native = ep.path == "/api/tags"
         merged: dict[str, ModelInfo] = {}
         for ch in sorted(channels, key=lambda c: -c.priority):

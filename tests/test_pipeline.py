@@ -1,0 +1,179 @@
+"""keygate/pipeline.py: the stages called as mitmproxy would call them as separate addons,
+through mitmproxy's own addon manager."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+from mitmproxy import hooks, http
+from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook
+from mitmproxy.test import taddons, tflow
+
+from keygate.pipeline import Pipeline
+
+ADDONS = Path(__file__).resolve().parents[1] / "addons"
+
+
+class Stage:
+    """Records its hook calls in a shared list; optionally answers, waits or fails."""
+
+    def __init__(self, name: str, calls: list, *, answer: bool = False, wait: bool = False,
+                 fail: bool = False) -> None:
+        self.name, self.calls = name, calls
+        self.answer, self.wait, self.fail = answer, wait, fail
+
+    def request(self, flow: http.HTTPFlow):
+        self.calls.append((self.name, "request", flow.response is not None))
+        if self.fail:
+            raise RuntimeError(f"{self.name} failed")
+        if self.wait:
+            return self._later(flow)
+        if self.answer:
+            flow.response = http.Response.make(418, b"answered")
+        return None
+
+    async def _later(self, flow: http.HTTPFlow) -> None:
+        await asyncio.sleep(0.01)
+        self.calls.append((self.name, "request done", flow.response is not None))
+        if self.answer:
+            flow.response = http.Response.make(418, b"answered later")
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self.calls.append((self.name, "response", flow.response.status_code))
+
+    def done(self):
+        self.calls.append((self.name, "done"))
+        return self._closed() if self.wait else None
+
+    async def _closed(self) -> None:
+        await asyncio.sleep(0)
+        self.calls.append((self.name, "closed"))
+
+
+class Quiet:
+    """No hook at all."""
+
+
+def run(coro_fn):
+    return asyncio.run(coro_fn())
+
+
+def test_stages_run_in_order_and_see_what_earlier_ones_did():
+    calls: list = []
+
+    async def main():
+        with taddons.context() as tctx:
+            p = Pipeline([Stage("a", calls), Quiet(), Stage("b", calls, answer=True),
+                          Stage("c", calls)])
+            tctx.master.addons.add(p)
+            f = tflow.tflow()
+            await tctx.master.addons.handle_lifecycle(HttpRequestHook(f))
+            await tctx.master.addons.handle_lifecycle(HttpResponseHook(f))
+
+    run(main)
+    assert calls == [("a", "request", False), ("b", "request", False), ("c", "request", True),
+                     ("a", "response", 418), ("b", "response", 418), ("c", "response", 418)]
+
+
+def test_an_awaitable_finishes_before_the_next_stage_runs():
+    calls: list = []
+
+    async def main():
+        with taddons.context() as tctx:
+            p = Pipeline([Stage("a", calls), Stage("b", calls, wait=True, answer=True),
+                          Stage("c", calls)])
+            tctx.master.addons.add(p)
+            f = tflow.tflow()
+            await tctx.master.addons.handle_lifecycle(HttpRequestHook(f))
+            return f
+
+    f = run(main)
+    assert calls == [("a", "request", False), ("b", "request", False),
+                     ("b", "request done", False), ("c", "request", True)]
+    assert f.response.content == b"answered later"
+
+
+def test_a_failing_stage_ends_the_event_for_later_stages_and_is_logged(caplog):
+    calls: list = []
+
+    async def main():
+        with taddons.context() as tctx:
+            p = Pipeline([Stage("a", calls, fail=True), Stage("b", calls)])
+            tctx.master.addons.add(p)
+            f = tflow.tflow(resp=True)
+            await tctx.master.addons.handle_lifecycle(HttpRequestHook(f))
+            await tctx.master.addons.handle_lifecycle(HttpResponseHook(f))
+
+    run(main)
+    # As mitmproxy treats a script's addons: b does not run for that event, the next
+    # event reaches every stage again.
+    assert calls == [("a", "request", True), ("a", "response", 200), ("b", "response", 200)]
+    assert "a failed" in caplog.text
+
+
+def test_lifecycle_hooks_reach_every_stage_also_where_mitmproxy_does_not_await():
+    calls: list = []
+
+    async def main():
+        with taddons.context() as tctx:
+            p = Pipeline([Stage("a", calls, wait=True), Stage("b", calls)])
+            tctx.master.addons.add(p)
+            # Shutdown: awaited, so a's coroutine finishes.
+            await tctx.master.addons.trigger_event(hooks.DoneHook())
+            assert calls == [("a", "done"), ("b", "done"), ("a", "closed")]
+            calls.clear()
+            # Removal (a script reload): called without awaiting; b is still told.
+            res = p.done()
+            assert calls == [("a", "done"), ("b", "done")]
+            await res
+
+    run(main)
+
+
+def test_only_the_hooks_some_stage_has_are_exposed():
+    p = Pipeline([Stage("a", []), Quiet()])
+    assert callable(p.request) and callable(p.response) and callable(p.done)
+    for hook in ("requestheaders", "responseheaders", "error", "tcp_message", "configure"):
+        assert not hasattr(p, hook), hook
+    assert "Stage" in repr(p) and "Quiet" in repr(p)
+
+
+def test_importing_the_pipeline_alone_knows_every_hook_keygate_uses():
+    # The hook registry fills as mitmproxy's modules are imported; the pipeline imports
+    # what it needs itself, so no hook of a stage can be missed whatever loaded first.
+    code = (
+        "import keygate.pipeline\n"
+        "from mitmproxy import hooks\n"
+        "need = {'load', 'configure', 'running', 'done', 'client_connected',\n"
+        "        'client_disconnected', 'requestheaders', 'request', 'responseheaders',\n"
+        "        'response', 'error'}\n"
+        "missing = need - set(hooks.all_hooks)\n"
+        "assert not missing, missing\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ADDONS, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def test_every_hook_of_keygate_stages_is_dispatched():
+    from keygate.authentication import Auth
+    from keygate.catalog import Catalog
+    from keygate.configuration import Config
+    from keygate.cors import Cors
+    from keygate.deadlines import Deadlines
+    from keygate.limits import Limits
+    from keygate.metering import Meter
+    from keygate.policy import Policy
+    from keygate.routing import Router
+    from keygate.usage import Usage
+
+    classes = [Config, Deadlines, Cors, Auth, Policy, Catalog, Router, Meter, Limits, Usage]
+    defined = {name for c in classes for name in vars(c) if name in hooks.all_hooks}
+    assert {"requestheaders", "request", "response", "error", "load", "running",
+            "client_connected", "client_disconnected"} <= defined
+    # Methods are looked up only: the stages need not be set up for that.
+    p = Pipeline([object.__new__(c) for c in classes])
+    assert {name for name in defined if callable(getattr(p, name, None))} == defined
