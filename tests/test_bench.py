@@ -60,10 +60,51 @@ def test_bench_quick_reports_every_section(tmp_path):
         assert {"ttfc_p50_minus_direct_ms", "total_p50_vs_direct", "cpu_ms_per_stream"} <= (
             row.keys()
         ), row
-    floors = [t for t in results["targets"] if "floor" in t]
-    assert len(floors) == 3, results["targets"]
-    for t in floors:
-        assert t["floor"]["proxy"] == "mitmdump_streaming", t
-        assert isinstance(t["floor"]["value"], numbers.Real), t
+    floors = {t["target"]: t["floor"] for t in results["targets"] if "floor" in t}
+    assert len(floors) == 6, results["targets"]
+    for target, floor in floors.items():
+        want = "mitmdump_streaming" if "stream" in target else "minimal_addon"
+        assert floor["proxy"] == want, (target, floor)
+        assert isinstance(floor["value"], numbers.Real), (target, floor)
     # Its rows in the printed tables: c=1 and c=100 in 2, one in 3, three floors in SPEC 9's.
     assert proc.stdout.count("mitmdump streaming (stream_large_bodies=1)") == 6, proc.stdout
+
+    # The minimal key-checking addon (bench/minauth.py), the floor of the small-request
+    # targets: measured like keygate, with ratios against bare mitmdump.
+    row = results["small_requests"]["minimal_addon"]
+    assert {"rps_c32", "rps_vs_bare", "cpu_us_per_request", "cpu_vs_bare",
+            "p50_minus_bare_ms"} <= row.keys(), row
+    assert row["rps_c32"] > 0 and row["cpu_us_per_request"] > 0, row
+    # Its row and note in table 1, three floors in SPEC 9's.
+    assert proc.stdout.count("minimal addon (bench/minauth.py)") == 5, proc.stdout
+
+
+def test_the_minimal_addon_checks_the_key(monkeypatch):
+    import hashlib
+    import importlib.util
+
+    from mitmproxy import http
+    from mitmproxy.test import tflow
+
+    monkeypatch.setenv("MINAUTH_KEY_SHA256", hashlib.sha256(b"sk-right").hexdigest())
+    spec = importlib.util.spec_from_file_location("minauth", ROOT / "bench" / "minauth.py")
+    minauth = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(minauth)
+    addon = minauth.MinAuth()
+
+    def flow(auth: str | None) -> http.HTTPFlow:
+        f = tflow.tflow()
+        f.request.path = "/v1/chat/completions"
+        if auth is not None:
+            f.request.headers["authorization"] = auth
+        addon.requestheaders(f)
+        return f
+
+    for refused in (None, "Bearer sk-wrong", "Basic sk-right", "Bearer "):
+        f = flow(refused)
+        assert f.response is not None and f.response.status_code == 401, refused
+    f = flow("bearer sk-right")
+    assert f.response is None and "authorization" not in f.request.headers
+    f.response = http.Response.make(200, b"{}")
+    addon.responseheaders(f)
+    assert f.response.stream is True
