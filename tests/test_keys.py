@@ -66,6 +66,32 @@ def test_lookup_by_sha256_and_by_plaintext():
     assert ring.by_name["bob"].digest == digest("sk-bob-plaintext-key")
 
 
+def test_holds_key_finds_a_key_as_a_token_and_remembers_only_clean_values():
+    ring = parse_keys(f"keys:\n  alice:\n    key_sha256: {SECRET_HEX}\n", "keys.yaml")
+    key = SECRET.encode()
+    for value in (key, b"Bearer " + key, b"a=1; session=" + key + b"; b=2", b'"' + key + b'"'):
+        assert ring.holds_key(value), value
+        assert ring.holds_key(value), value  # asked again: still found, never remembered
+    for value in (b"127.0.0.1:3000", b"application/json", key[:-1], key + b"x"):
+        assert not ring.holds_key(value), value
+        assert not ring.holds_key(value), value
+    assert ring._clean == {b"127.0.0.1:3000", b"application/json", key[:-1], key + b"x"}
+    assert key not in ring._clean and b"Bearer " + key not in ring._clean
+
+    # Long values are checked every time, and the memory is bounded.
+    long_value = b"x" * 300
+    assert not ring.holds_key(long_value) and long_value not in ring._clean
+    for i in range(3000):
+        ring.holds_key(b"value-%d" % i)
+    assert 0 < len(ring._clean) <= 1024
+
+    # A ring read again (a reload that adds the key) remembers nothing of the old one.
+    before = parse_keys("keys:\n  bob:\n    key: sk-bob-plaintext-key\n", "keys.yaml")
+    assert not before.holds_key(b"Bearer " + key)
+    after = parse_keys(f"keys:\n  alice:\n    key_sha256: {SECRET_HEX}\n", "keys.yaml")
+    assert after.holds_key(b"Bearer " + key)
+
+
 def test_key_sha256_in_upper_case():
     ring = parse_keys(f"keys:\n  a:\n    key_sha256: {SECRET_HEX.upper()}\n", "keys.yaml")
     assert ring.lookup(SECRET).name == "a"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import ipaddress
-import re
 
 from mitmproxy import http
 
@@ -92,9 +91,6 @@ def key_of(auth: list[str], xkey: list[str]) -> str | None:
 DROPPED_HEADERS = frozenset({b"authorization", b"x-api-key", b"proxy-authorization",
                              b"api-key", b"x-goog-api-key", b"origin"})
 
-# Where else a key may sit in a header value: alone, after a scheme, as a cookie value.
-_TOKENS = re.compile(rb"[^\s,;=\"']{8,}")
-
 
 def _text(b: bytes) -> str:
     return b.decode("utf-8", "surrogateescape")  # as mitmproxy's Headers decode values
@@ -122,8 +118,7 @@ def take_credentials(headers: http.Headers, keys: KeyRing | None) -> tuple[str |
     secret = key_of(auth, xkey)
     if keys is not None:
         raw = secret.encode("utf-8", "surrogateescape") if secret else None
-        kept = [f for f in kept if not (
-            (raw and raw in f[1]) or any(keys.lookup_raw(t) for t in _TOKENS.findall(f[1])))]
+        kept = [f for f in kept if not ((raw and raw in f[1]) or keys.holds_key(f[1]))]
     if len(kept) != len(headers.fields):
         headers.fields = tuple(kept)
     return secret, bool(auth or xkey)

@@ -84,10 +84,17 @@ def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return addr.ipv4_mapped if addr.version == 6 and addr.ipv4_mapped else addr
 
 
+# Where a key may sit in a header value: alone, after a scheme, as a cookie value.
+_TOKENS = re.compile(rb"[^\s,;=\"']{8,}")
+_CLEAN_MAX, _CLEAN_LEN = 1024, 256
+
+
 @dataclass(frozen=True)
 class KeyRing:
     by_digest: dict[bytes, Key] = field(repr=False)
     by_name: dict[str, Key] = field(repr=False)
+    # Short header values known to hold no key of this ring (see holds_key).
+    _clean: set[bytes] = field(default_factory=set, repr=False, compare=False)
 
     def lookup(self, secret: str) -> Key | None:
         return self.by_digest.get(digest(secret))
@@ -95,6 +102,22 @@ class KeyRing:
     def lookup_raw(self, secret: bytes) -> Key | None:
         """lookup() of a key as the bytes on the wire (UTF-8, as digest() encodes)."""
         return self.by_digest.get(hashlib.sha256(secret).digest())
+
+    def holds_key(self, value: bytes) -> bool:
+        """Whether a header value holds a key of this ring as a token (keys are 8+
+        characters). Every request asks it for each of its headers, and the same few
+        values come again and again (host, content type, user agent): short values
+        found to hold none are remembered, up to _CLEAN_MAX of them. A value that holds
+        a key is never remembered, nor is anything of a reloaded ring kept."""
+        if value in self._clean:
+            return False
+        if any(self.lookup_raw(t) for t in _TOKENS.findall(value)):
+            return True
+        if len(value) <= _CLEAN_LEN:
+            if len(self._clean) >= _CLEAN_MAX:
+                self._clean.clear()
+            self._clean.add(value)
+        return False
 
     def __len__(self) -> int:
         return len(self.by_name)
