@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import random
 
@@ -424,3 +425,41 @@ def test_blob_uploads_are_routed_at_headers_time():
     assert f.metadata["keygate.channel"] == "gpu"  # an ollama channel
     assert (f.request.host, f.request.port, f.request.path) == ("10.0.0.5", 11434,
                                                                 f"/api/blobs/{digest}")
+
+
+# --------------------------------------------------------------------------- upstream timeout
+
+
+def test_one_sweep_gives_up_on_late_flows_only_and_stops_when_none_wait():
+    from keygate.routing import sweep_interval
+
+    assert sweep_interval(300) == 0.5 and sweep_interval(1) == 0.25
+    config = make_config("[gateway]\nupstream_timeout_s = 0.4\n")
+    router = Router(config, rng=random.Random(1))
+    expired: list[tuple[str, float]] = []
+    router._expire = lambda flow, timeout: expired.append((flow.id, timeout))
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        late = make_flow("POST", "/api/chat", key="alice", body={"model": "llama3.2:1b"})
+        answered = make_flow("POST", "/api/chat", key="alice", body={"model": "llama3.2:1b"})
+        t0 = loop.time()
+        with taddons.context():
+            for f in (late, answered):
+                run_request(f, Auth(config), Policy(config), router)
+                assert f.metadata.get("keygate.admitted"), f.response
+        assert set(router._waiting) == {late.id, answered.id}
+        await asyncio.sleep(0.2)
+        answered.response = http.Response.make(200, b"{}")
+        router.responseheaders(answered)  # headers in time: no longer waiting
+        while not expired and loop.time() - t0 < 3:
+            await asyncio.sleep(0.02)
+        waited = loop.time() - t0
+        assert expired == [(late.id, 0.4)]
+        # Given up on after its timeout, at most one sweep interval (0.1 s here) late.
+        assert 0.4 <= waited < 0.4 + 0.1 + 0.15, waited
+        assert router._waiting == {}
+        await asyncio.sleep(0.25)
+        assert router._sweeping is None  # nothing waits: no timer keeps running
+
+    asyncio.run(main())

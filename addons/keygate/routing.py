@@ -34,6 +34,13 @@ USAGE_OPTION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 COOLDOWN_FIRST = 2.0
 COOLDOWN_MAX = 60.0
+SWEEP_INTERVAL = 0.5  # s between upstream-timeout checks while requests wait
+
+
+def sweep_interval(timeout: float) -> float:
+    """How often the flows waiting for an upstream are checked: every 0.5 s, or a quarter
+    of a shorter timeout. A flow is given up on at most that long after its timeout."""
+    return min(SWEEP_INTERVAL, timeout / 4)
 
 
 def encode_json(doc: object) -> bytes:
@@ -103,7 +110,10 @@ class Router:
         self.config = config
         self.health = Health()
         self.rng = rng or random.Random()
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        # Flows waiting for response headers: flow id -> (deadline, flow, timeout). One
+        # sweep checks them (see _sweep), not a timer per request to set and cancel.
+        self._waiting: dict[str, tuple[float, http.HTTPFlow, float]] = {}
+        self._sweeping: asyncio.TimerHandle | None = None
         # candidates() per (model, native) for the settings in force: the same few models
         # are asked for again and again, and patterns cost more than a lookup.
         self._routes: dict[tuple[str | None, bool], list[Channel]] = {}
@@ -201,7 +211,9 @@ class Router:
         except RuntimeError:  # called outside mitmproxy's event loop: nothing to time
             return
         timeout = self.config.state.settings.upstream_timeout
-        self._timers[flow.id] = loop.call_later(timeout, self._expire, flow, timeout)
+        self._waiting[flow.id] = (loop.time() + timeout, flow, timeout)
+        if self._sweeping is None:
+            self._sweeping = loop.call_later(sweep_interval(timeout), self._sweep, loop)
 
     def _candidates(self, settings: object, model: str | None, native: bool) -> list[Channel]:
         if settings is not self._routes_for:
@@ -214,13 +226,24 @@ class Router:
             self._routes[(model, native)] = found
         return found
 
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Give up on the flows past their deadline; runs while any flow waits."""
+        self._sweeping = None
+        now = loop.time()
+        expired = [w for w in self._waiting.values() if now >= w[0]]
+        for _, flow, timeout in expired:
+            del self._waiting[flow.id]
+            self._expire(flow, timeout)
+        if self._waiting:
+            shortest = min(timeout for _, _, timeout in self._waiting.values())
+            self._sweeping = loop.call_later(sweep_interval(shortest), self._sweep, loop)
+
     def _expire(self, flow: http.HTTPFlow, timeout: float) -> None:
         """No response headers within upstream_timeout_s: give up on the upstream.
 
         mitmproxy has no such timeout and no hook while it waits, so keygate closes the
         upstream connection itself. mitmproxy then answers the client with its own 502
         (it cannot be made to send a 504); the usage line says upstream_timeout."""
-        self._timers.pop(flow.id, None)
         if flow.response is not None or flow.error is not None or not flow.live:
             return
         proxyserver = ctx.master.addons.get("proxyserver")
@@ -233,9 +256,7 @@ class Router:
         handler.close_connection(flow.server_conn)
 
     def _disarm(self, flow: http.HTTPFlow) -> None:
-        timer = self._timers.pop(flow.id, None)
-        if timer is not None:
-            timer.cancel()
+        self._waiting.pop(flow.id, None)
         if flow.metadata.pop("keygate.credential", False):
             # Sent by now: the channel's credential stays out of what runs after keygate
             # (mitmdump's flow dump prints request headers at flow_detail >= 2, saved flows).
