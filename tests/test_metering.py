@@ -465,6 +465,24 @@ def test_non_streamed_counts(path, body, tokens):
     assert md["keygate.stream"] is False and md["keygate.finished"] is True
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])
+def test_non_streamed_counts_of_an_encoded_body(encoding):
+    # An upstream may compress its answer; the counts are read from the decoded body.
+    body = {"model": "m", "choices": [],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}
+    meter = Meter(make_config())
+    f = admitted_flow("POST", "/v1/chat/completions", model="m")
+    f.response.headers["content-encoding"] = encoding
+    f.response.content = dumps(body)  # encoded as the header says
+    assert f.response.raw_content != dumps(body)
+    with taddons.context():
+        meter.response(f)
+    md = f.metadata
+    assert (md["keygate.prompt_tokens"], md["keygate.completion_tokens"],
+            md["keygate.total_tokens"]) == (3, 4, 7)
+    assert f.response.status_code == 200
+
+
 def test_non_streamed_alias_is_turned_back():
     meter = Meter(make_config())
     body = {"id": "x", "object": "chat.completion", "model": "qwen2.5:7b", "choices": []}

@@ -413,3 +413,20 @@ def test_body_cleaning_holds_for_case_variant_keys(path, field, value):
         for k, v in sent.items():
             assert k.lower() != "_debug_render_only", sent
             assert not (k.lower() == "keep_alive" and keep_alive_is_disruptive(v)), sent
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br"])
+def test_an_encoded_request_body_is_checked_as_decoded(encoding):
+    ok = make_flow("POST", "/api/chat", key="llama")
+    ok.request.headers["content-encoding"] = encoding
+    ok.request.content = json.dumps({"model": "llama3.2:1b", "messages": []}).encode()
+    denied = make_flow("POST", "/api/chat", key="llama")
+    denied.request.headers["content-encoding"] = encoding
+    denied.request.content = json.dumps({"model": "qwen2.5:7b", "messages": []}).encode()
+    config = make_config()
+    with taddons.context():
+        for f in (ok, denied):
+            assert f.request.raw_content != f.request.content
+            run_request(f, Auth(config), Policy(config))
+    assert ok.response is None and ok.metadata["keygate.model"] == "llama3.2:1b"
+    assert_refused(denied, 403, "permission_denied")

@@ -32,3 +32,12 @@ def set_fields(headers: http.Headers, values: Mapping[str, str]) -> None:
                 for k, v in values.items())
     names = {k for k, _ in new}
     headers.fields = tuple(f for f in headers.fields if f[0].lower() not in names) + new
+
+
+def decoded_body(message: http.Message) -> bytes | None:
+    """The body as `message.get_content(strict=False)` gives it. Without a
+    content-encoding (nearly always) that is the raw body, found without the mapping
+    lookup get_content does first."""
+    if not has_field(message.headers, b"content-encoding"):
+        return message.raw_content
+    return message.get_content(strict=False)

@@ -22,7 +22,7 @@ from . import endpoints
 from .config import cloud_allowed
 from .configuration import Config
 from .errors import make_error
-from .headerfields import get_field
+from .headerfields import decoded_body, get_field
 
 log = logging.getLogger("keygate")
 
@@ -284,7 +284,7 @@ class Meter:
         if ep is None:
             return tally
         try:
-            doc = json.loads(resp.get_content(strict=False))
+            doc = json.loads(decoded_body(resp))
         except (ValueError, UnicodeDecodeError, RecursionError):
             # (An exception escaping here would skip Limits and Usage: no usage line.)
             if resp.status_code < 400:

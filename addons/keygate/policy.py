@@ -17,7 +17,7 @@ from . import endpoints
 from .config import cloud_allowed
 from .configuration import Config
 from .errors import refuse
-from .headerfields import get_field
+from .headerfields import decoded_body, get_field
 
 ROOT_TEXT = b"keygate is running\n"
 
@@ -127,7 +127,7 @@ class Policy:
                    f"Request body is larger than this gateway accepts ({limit} bytes).")
             return
         try:
-            doc = json.loads(flow.request.get_content(strict=False) or b"")
+            doc = json.loads(decoded_body(flow.request) or b"")
         except (ValueError, UnicodeDecodeError, RecursionError):  # nested ~1000 deep
             refuse(flow, "invalid_request", "Request body must be a JSON object.")
             return
