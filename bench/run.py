@@ -5,7 +5,9 @@ bare `mitmdump --mode reverse:...` (no keygate) and keygate with a realistic con
 (3 channels, 10,000 keys, limits set, usage log on), then measures each of them and the
 upstream directly. The stream phases (2, 3) also measure bare mitmdump with
 `--set stream_large_bodies=1`, which streams every body instead of buffering it: what
-mitmproxy itself costs when it streams, the floor under keygate's stream figures.
+mitmproxy itself costs when it streams, the floor under keygate's stream figures. Phase 1
+also measures bare mitmdump running bench/minauth.py, the smallest key-checking addon: what
+any addon costs on mitmproxy, the floor under keygate's throughput, CPU and latency.
 
   1. small non-streamed POST /v1/chat/completions: requests/s at concurrency 32, p50/p99
      latency at concurrency 1, CPU time per request of the proxy process (/proc/PID/stat);
@@ -18,8 +20,9 @@ mitmproxy itself costs when it streams, the floor under keygate's stream figures
 
 Load comes from a separate process: `wrk` when it is installed (the script installs it with
 apt-get when it can), else bench/load.py (asyncio + httpx). Each measurement is repeated
-(3 rounds, `--quick`: 1, with smaller counts) and the median is reported. Output: an aligned
-table on stdout; with `--json FILE` the same numbers as JSON. Progress goes to stderr.
+(3 rounds, 5 for the small requests; `--quick`: 1, with smaller counts) and the median is
+reported. Output: an aligned table on stdout; with `--json FILE` the same numbers as JSON.
+Progress goes to stderr.
 
 Every process started here is stopped by its pid when the run ends, on errors and on Ctrl-C
 too, and every step is bounded in time (the whole run by --time-limit).
@@ -100,6 +103,7 @@ def say(msg: str) -> None:
 class Profile:
     name: str
     rounds: int
+    request_rounds: int  # rounds of phase 1: its ratios are the ones most subject to noise
     warmup: int  # s, unmeasured load before each throughput run
     duration: int  # s, measured throughput window (concurrency 32)
     latency_duration: int  # s, concurrency-1 latency window
@@ -123,6 +127,7 @@ class Profile:
 FULL = Profile(
     "full",
     rounds=3,
+    request_rounds=5,
     warmup=1,
     duration=5,
     latency_duration=3,
@@ -143,6 +148,7 @@ FULL = Profile(
 QUICK = Profile(
     "quick",
     rounds=1,
+    request_rounds=1,
     warmup=1,
     duration=2,
     latency_duration=1,
@@ -922,9 +928,9 @@ class Bench:
             ("keygate_1key", kg1, self.auth, kg1.pid),
         ]
         runs: dict[str, list[tuple[dict, dict]]] = {name: [] for name, *_ in targets}
-        for r in range(p.rounds):
+        for r in range(p.request_rounds):
             for name, server, auth, pid in targets:
-                say(f"  round {r + 1}/{p.rounds}: {name}")
+                say(f"  round {r + 1}/{p.request_rounds}: {name}")
                 tput = self.load.requests(server.url, auth, 32, p.duration, p.warmup, pid)
                 lat = self.load.requests(server.url, auth, 1, p.latency_duration, 0, None)
                 runs[name].append((tput, lat))
@@ -1231,6 +1237,7 @@ class Bench:
         self.results["meta"] = {
             "profile": self.p.name,
             "rounds": self.p.rounds,
+            "request_rounds": self.p.request_rounds,
             "client": self.load.version,
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
@@ -1395,9 +1402,10 @@ def report(res: dict) -> str:
     m, sr, st, sl, ks, su = res["meta"], *(res[k] for k in SECTIONS)
     parts = [
         f"keygate bench ({m['profile']}): {m['cpus']} CPUs, Python {m['python']}, "
-        f"mitmproxy {m['mitmproxy']}, load: {m['client']}; median of {m['rounds']} "
-        f"round(s); {m['seconds']:.0f} s; other processes used "
-        f"{m.get('other_processes_cpu_pct', 0):.0f}% of the CPUs meanwhile\n"
+        f"mitmproxy {m['mitmproxy']}, load: {m['client']}; median of {m['request_rounds']} "
+        f"round(s) (small requests), {m['rounds']} (streams); {m['seconds']:.0f} s; "
+        f"other processes used {m.get('other_processes_cpu_pct', 0):.0f}% of the CPUs "
+        "meanwhile\n"
     ]
     names = {
         "direct": "upstream direct",
