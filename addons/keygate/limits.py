@@ -54,6 +54,14 @@ class RollingWindow:
         return WINDOW  # a limit of 0 never opens
 
 
+def _window(windows: dict[str, RollingWindow], name: str) -> RollingWindow:
+    """The key's window, made on first use (setdefault would build one every call)."""
+    w = windows.get(name)
+    if w is None:
+        w = windows[name] = RollingWindow()
+    return w
+
+
 def seconds_to_utc_midnight(now: float) -> float:
     t = dt.datetime.fromtimestamp(now, dt.timezone.utc)
     midnight = (t + dt.timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -140,14 +148,14 @@ class Limits:
             return ("rate_limit_exceeded",
                     f"Too many requests in flight for this key (limit {lim.concurrent}).", 1.0)
         if lim.rpm is not None:
-            w = self.requests.setdefault(name, RollingWindow())
+            w = _window(self.requests, name)
             w.expire(now)
             if w.total >= lim.rpm:
                 return ("rate_limit_exceeded",
                         f"Rate limit reached: {lim.rpm} requests per minute.",
                         w.wait_below(lim.rpm, now))
         if lim.tpm is not None:
-            w = self.tokens.setdefault(name, RollingWindow())
+            w = _window(self.tokens, name)
             w.expire(now)
             if w.total >= lim.tpm:
                 return ("rate_limit_exceeded",
@@ -174,7 +182,7 @@ class Limits:
     def admit(self, name: str, now: float) -> None:
         self.inflight[name] = self.inflight.get(name, 0) + 1
         if name in self.requests or self._limits(name).rpm is not None:
-            self.requests.setdefault(name, RollingWindow()).add(now)
+            _window(self.requests, name).add(now)
 
     def finish(self, name: str, tokens: int, now: float) -> None:
         n = self.inflight.get(name, 0) - 1
@@ -183,7 +191,7 @@ class Limits:
         else:
             self.inflight.pop(name, None)
         if tokens and (name in self.tokens or self._limits(name).tpm is not None):
-            self.tokens.setdefault(name, RollingWindow()).add(now, tokens)
+            _window(self.tokens, name).add(now, tokens)
 
     def _limits(self, name: str) -> KeyLimits:
         key = self.config.state.keys.by_name.get(name)
