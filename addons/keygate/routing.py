@@ -131,7 +131,8 @@ class Router:
         self._forward(flow)
 
     def _forward(self, flow: http.HTTPFlow) -> None:
-        path, sep, query = flow.request.path.partition("?")
+        target = flow.request.path
+        path, sep, query = target.partition("?")
         ep = endpoints.classify(flow.request.method, path)
         if ep is None:  # Policy refuses these; never forward one by accident
             refuse(flow, "unknown_endpoint", f"Unknown endpoint: {flow.request.method} {path}")
@@ -176,7 +177,9 @@ class Router:
                 req.scheme = channel.scheme
                 req.host = channel.host
                 req.port = channel.port
-            flow.request.path = channel.upstream_path(path) + sep + query
+            upstream_target = channel.upstream_path(path) + sep + query
+            if upstream_target != target:  # (the setter re-encodes: skipped when the same)
+                flow.request.path = upstream_target
             flow.metadata["keygate.channel"] = channel.name
             if channel.api_key:
                 set_fields(flow.request.headers, {"authorization": f"Bearer {channel.api_key}"})
@@ -204,7 +207,8 @@ class Router:
             # An absolute-form target ("POST http://host/api/chat") would go upstream as
             # sent, and Go's net/http takes the request's host from it: send the origin
             # form keygate checked, as mitmproxy's regular mode does.
-            flow.request.authority = ""
+            if flow.request.data.authority:
+                flow.request.authority = ""
         flow.metadata["keygate.admitted"] = True
         try:
             loop = asyncio.get_running_loop()
