@@ -1,11 +1,13 @@
 """The smallest API-key gateway on mitmproxy, as scripts/bench's floor for keygate's CPU.
 
 SPEC 9 quotes "a 30-line auth addon that streams responses" beside bare mitmdump. This is
-that addon: it checks `Authorization: Bearer <key>` against the SHA-256 digests in
-$MINAUTH_KEY_SHA256 (comma-separated), answers 401 to anything else, keeps the header from
-the upstream and streams every response. No policy, routing, metering, limits or log: what
-any addon costs on mitmproxy is the difference between it and bare mitmdump; what keygate
-does beyond checking a key is the difference between keygate and it.
+that addon, streaming what keygate streams: it checks `Authorization: Bearer <key>`
+against the SHA-256 digests in $MINAUTH_KEY_SHA256 (comma-separated), answers 401 to
+anything else, keeps the header from the upstream, and streams event streams and NDJSON
+(a small JSON answer is buffered, as keygate buffers it: streaming one costs mitmproxy
+~0.3 ms more per request on a 2-core machine). No policy, routing, metering, limits or
+log: what checking a key costs on mitmproxy is the difference between it and bare
+mitmdump; what keygate does beyond that is the difference between keygate and it.
 
     mitmdump --mode reverse:http://127.0.0.1:11434 -s bench/minauth.py
 """
@@ -18,6 +20,7 @@ from mitmproxy import http
 DIGESTS = frozenset(
     bytes.fromhex(d) for d in os.environ.get("MINAUTH_KEY_SHA256", "").split(",") if d
 )
+STREAMED = ("text/event-stream", "application/x-ndjson")
 
 
 class MinAuth:
@@ -33,7 +36,9 @@ class MinAuth:
         del flow.request.headers["authorization"]
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None:
+        if flow.response is None:
+            return
+        if flow.response.headers.get("content-type", "").startswith(STREAMED):
             flow.response.stream = True
 
 

@@ -1448,8 +1448,8 @@ def report(res: dict) -> str:
             rows,
             [
                 "CPU: utime+stime of the proxy process (/proc/PID/stat) per request at c=32",
-                f"{MINIMAL_LABEL}: the smallest key-checking addon, streaming responses (SPEC "
-                "9's '30-line auth addon'): what any addon costs, keygate's floor",
+                f"{MINIMAL_LABEL}: the smallest key-checking addon (SPEC 9's '30-line auth "
+                "addon'), streaming what keygate streams: what a key check costs, keygate's floor",
             ],
         )
     )

@@ -105,6 +105,9 @@ def test_the_minimal_addon_checks_the_key(monkeypatch):
         assert f.response is not None and f.response.status_code == 401, refused
     f = flow("bearer sk-right")
     assert f.response is None and "authorization" not in f.request.headers
-    f.response = http.Response.make(200, b"{}")
-    addon.responseheaders(f)
-    assert f.response.stream is True
+    # It streams what keygate streams, and buffers a small JSON answer as keygate does.
+    for ctype, streamed in (("text/event-stream", True), ("application/x-ndjson", True),
+                            ("application/json; charset=utf-8", False)):
+        f.response = http.Response.make(200, b"{}", {"content-type": ctype})
+        addon.responseheaders(f)
+        assert f.response.stream is streamed, ctype
