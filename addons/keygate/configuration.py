@@ -114,7 +114,7 @@ class Config:
             self._task = asyncio.get_running_loop().create_task(self._watch())
         global _frozen
         if not _frozen:
-            # What start-up made (mitmproxy's addons, keys.yaml's keys: ~100,000 objects
+            # What start-up made (mitmproxy's addons, keys.yaml's keys: ~120,000 objects
             # with 10,000 keys) lives as long as the process. Out of the cyclic collector's
             # sight, its full collections, ~60 ms each here, no longer walk them all again,
             # nor cost more the more keys there are. Once: a later freeze (on a reload of
