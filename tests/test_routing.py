@@ -431,7 +431,7 @@ def test_blob_uploads_are_routed_at_headers_time():
 
 
 def test_one_sweep_gives_up_on_late_flows_only_and_stops_when_none_wait():
-    from keygate.routing import sweep_interval
+    from keygate.deadlines import check_interval as sweep_interval
 
     assert sweep_interval(300) == 0.5 and sweep_interval(1) == 0.25
     config = make_config("[gateway]\nupstream_timeout_s = 0.4\n")

@@ -33,6 +33,13 @@ TICK = 0.5  # seconds between checks at most; a quarter of the shorter timeout i
 MIN_TICK = 0.05
 
 
+def check_interval(*timeouts: float) -> float:
+    """How often deadlines of these lengths are checked: every TICK, or a quarter of the
+    shortest if less, but not more often than every MIN_TICK. A deadline is acted on at
+    most that long after it passed. (The router's upstream timeout uses it too.)"""
+    return max(MIN_TICK, min(TICK, *(t / 4 for t in timeouts)))
+
+
 class _Conn:
     """One client connection: its flows in flight, and since when it has had none."""
 
@@ -118,7 +125,7 @@ class Deadlines:
         if self._loop is None or self._timer is not None or not (self.conns or self.bodies):
             return
         s = self.config.state.settings
-        every = max(MIN_TICK, min(TICK, s.client_header_timeout / 4, s.client_body_timeout / 4))
+        every = check_interval(s.client_header_timeout, s.client_body_timeout)
         self._timer = self._loop.call_later(every, self._tick)
 
     def _tick(self) -> None:

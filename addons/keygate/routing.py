@@ -23,6 +23,7 @@ from mitmproxy import ctx, http
 from . import endpoints
 from .config import Channel
 from .configuration import Config
+from .deadlines import check_interval
 from .errors import refuse
 from .headerfields import has_field, set_fields
 from .usage import client_gone
@@ -34,13 +35,6 @@ USAGE_OPTION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 COOLDOWN_FIRST = 2.0
 COOLDOWN_MAX = 60.0
-SWEEP_INTERVAL = 0.5  # s between upstream-timeout checks while requests wait
-
-
-def sweep_interval(timeout: float) -> float:
-    """How often the flows waiting for an upstream are checked: every 0.5 s, or a quarter
-    of a shorter timeout. A flow is given up on at most that long after its timeout."""
-    return min(SWEEP_INTERVAL, timeout / 4)
 
 
 def encode_json(doc: object) -> bytes:
@@ -217,7 +211,7 @@ class Router:
         timeout = self.config.state.settings.upstream_timeout
         self._waiting[flow.id] = (loop.time() + timeout, flow, timeout)
         if self._sweeping is None:
-            self._sweeping = loop.call_later(sweep_interval(timeout), self._sweep, loop)
+            self._sweeping = loop.call_later(check_interval(timeout), self._sweep, loop)
 
     def _candidates(self, settings: object, model: str | None, native: bool) -> list[Channel]:
         if settings is not self._routes_for:
@@ -240,7 +234,7 @@ class Router:
             self._expire(flow, timeout)
         if self._waiting:
             shortest = min(timeout for _, _, timeout in self._waiting.values())
-            self._sweeping = loop.call_later(sweep_interval(shortest), self._sweep, loop)
+            self._sweeping = loop.call_later(check_interval(shortest), self._sweep, loop)
 
     def _expire(self, flow: http.HTTPFlow, timeout: float) -> None:
         """No response headers within upstream_timeout_s: give up on the upstream.
