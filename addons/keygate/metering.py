@@ -336,8 +336,6 @@ class Meter:
         return False
 
 
-
-
 def _alias(flow: http.HTTPFlow) -> tuple[str, str] | None:
     model = flow.metadata.get("keygate.model")
     upstream = flow.metadata.get("keygate.upstream_model")

@@ -524,10 +524,7 @@ class UsageWriter:
         try:
             while not self._flush(force=True) and time.monotonic() < stop.deadline:
                 time.sleep(min(self._retry_interval, max(0.0, stop.deadline - time.monotonic())))
-                try:
-                    self._take(self._queue.get_nowait())
-                except queue.Empty:
-                    pass
+                self._take_queued()
             if self._pending:
                 log.error("keygate: usage log %s: %d records could not be written and are lost",
                           self._file.target.path, len(self._pending))
