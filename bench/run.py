@@ -345,6 +345,7 @@ class KeySet:
     one_yaml: str
     names: list[str] = field(repr=False)
     plain_secret: str = field(default="", repr=False)  # a key with no limits at all
+    main_sha256: str = ""  # keys.yaml's key_sha256 of `main`
 
 
 def _key_entry(name: str, secret: str, i: int) -> str:
@@ -386,7 +387,8 @@ MAIN_ENTRY = """  bench-main:
 
 def make_keys(count: int) -> KeySet:
     main = "sk-bench-" + secrets.token_urlsafe(30)
-    main_entry = MAIN_ENTRY.format(digest=hashlib.sha256(main.encode()).hexdigest())
+    main_sha256 = hashlib.sha256(main.encode()).hexdigest()
+    main_entry = MAIN_ENTRY.format(digest=main_sha256)
     head = "# keygate bench: generated keys (secrets are not kept)\nkeys:\n"
     names, parts = ["bench-main"], [head]
     for i in range(count - 1):
@@ -402,7 +404,7 @@ def make_keys(count: int) -> KeySet:
     digest = hashlib.sha256(plain.encode()).hexdigest()
     parts.append(f'  bench-plain:\n    key_sha256: "{digest}"\n')
     names.append("bench-plain")
-    return KeySet(count, main, "".join(parts), head + main_entry, names, plain)
+    return KeySet(count, main, "".join(parts), head + main_entry, names, plain, main_sha256)
 
 
 def gateway_toml(upstream: str) -> str:
@@ -893,8 +895,7 @@ class Bench:
         self.keys = make_keys(profile.keys)
         self.auth = {"Authorization": f"Bearer {self.keys.main_secret}"}
         # bench/minauth.py accepts the main key (by its digest: no secret in the environment)
-        digest = hashlib.sha256(self.keys.main_secret.encode()).hexdigest()
-        os.environ["MINAUTH_KEY_SHA256"] = digest
+        os.environ["MINAUTH_KEY_SHA256"] = self.keys.main_sha256
         self.results: dict = {}
         self.notes: list[str] = []
         self._n = 0
