@@ -40,6 +40,14 @@ def check_interval(*timeouts: float) -> float:
     return max(MIN_TICK, min(TICK, *(t / 4 for t in timeouts)))
 
 
+def connection_handler(client_id: str):
+    """mitmproxy's handler of a client connection (its transports, close_connection), or
+    None once the connection is gone or outside a running proxy."""
+    master = getattr(ctx, "master", None)
+    proxyserver = master.addons.get("proxyserver") if master else None
+    return proxyserver.connections.get(client_id) if proxyserver else None
+
+
 class _Conn:
     """One client connection: its flows in flight, and since when it has had none."""
 
@@ -171,10 +179,7 @@ class Deadlines:
                flows: list[http.HTTPFlow] | None = None) -> bool:
         """Close `c`'s connection through mitmproxy; False where it is not the client's
         fault after all (or the connection is already gone)."""
-        cid = c.client.id
-        master = getattr(ctx, "master", None)
-        proxyserver = master.addons.get("proxyserver") if master else None
-        handler = proxyserver.connections.get(cid) if proxyserver else None
+        handler = connection_handler(c.client.id)
         io = handler.transports.get(handler.client) if handler is not None else None
         if io is None or io.handler is None:
             self._forget(c)

@@ -18,12 +18,12 @@ import random
 import time
 from urllib.parse import quote
 
-from mitmproxy import ctx, http
+from mitmproxy import http
 
 from . import endpoints
 from .config import Channel
 from .configuration import Config
-from .deadlines import check_interval
+from .deadlines import check_interval, connection_handler
 from .errors import refuse
 from .headerfields import has_field, set_fields
 from .usage import client_gone
@@ -244,8 +244,7 @@ class Router:
         (it cannot be made to send a 504); the usage line says upstream_timeout."""
         if flow.response is not None or flow.error is not None or not flow.live:
             return
-        proxyserver = ctx.master.addons.get("proxyserver")
-        handler = proxyserver.connections.get(flow.client_conn.id) if proxyserver else None
+        handler = connection_handler(flow.client_conn.id)
         if handler is None or flow.server_conn not in handler.transports:
             return
         flow.metadata["keygate.error"] = "upstream_timeout"
