@@ -80,6 +80,14 @@ def env():
         yield d, clock, server, tctx
 
 
+@pytest.fixture
+def conn(env):
+    """(Deadlines, clock, client, its FakeHandler): `env` with one client connected."""
+    d, clock, server, _ = env
+    c, handler = connect(d, server)
+    return d, clock, c, handler
+
+
 def client(peer: str = "203.0.113.9") -> connection.Client:
     c = tflow.tclient_conn()
     c.peername = (peer, 40000)
@@ -109,6 +117,20 @@ def headers_in(d: Deadlines, f: http.HTTPFlow) -> None:
 def body_in(d: Deadlines, f: http.HTTPFlow) -> None:
     f.request.timestamp_end = 1.0
     d.request(f)
+
+
+def sent(d: Deadlines, c: connection.Client) -> http.HTTPFlow:
+    """A request on `c` whose head and body are both in."""
+    f = body_flow(c)
+    headers_in(d, f)
+    body_in(d, f)
+    return f
+
+
+def later(d: Deadlines, clock: Clock, seconds: float = 0.0) -> None:
+    """Move the clock on by `seconds` and run the periodic check."""
+    clock.t += seconds
+    d.check()
 
 
 def answered(d: Deadlines, f: http.HTTPFlow) -> None:
@@ -143,17 +165,14 @@ def test_fractional_timeouts_are_allowed():
 # --------------------------------------------------------------------------- the head
 
 
-def test_head_deadline_counts_from_the_connection(env):
-    d, clock, server, _ = env
-    c, handler = connect(d, server)
-    clock.t += 9.5
-    d.check()
+def test_head_deadline_counts_from_the_connection(conn):
+    d, clock, c, handler = conn
+    later(d, clock, 9.5)
     assert handler.closed == []
-    clock.t += 0.5
-    d.check()
+    later(d, clock, 0.5)
     assert handler.closed == [c]
     assert c.id not in d.conns
-    d.check()
+    later(d, clock)
     assert handler.closed == [c]  # once
 
 
@@ -161,71 +180,53 @@ def test_warning_names_peer_and_reason_only(env, caplog):
     d, clock, server, _ = env
     with caplog.at_level(logging.WARNING, logger="keygate"):
         connect(d, server, "198.51.100.4")
-        clock.t += 11
-        d.check()
+        later(d, clock, 11)
     assert [r.getMessage() for r in caplog.records if r.name == "keygate"] == [
         "keygate: closed connection from 198.51.100.4: request head not complete within 10 s"]
 
 
-def test_no_head_deadline_while_a_request_is_in_flight(env):
-    d, clock, server, _ = env
-    c, handler = connect(d, server)
+def test_no_head_deadline_while_a_request_is_in_flight(conn):
+    d, clock, c, handler = conn
     clock.t += 5
-    f = body_flow(c)
-    headers_in(d, f)
-    body_in(d, f)
-    clock.t += 1000  # the upstream takes its time: not the client's doing
-    d.check()
+    sent(d, c)
+    later(d, clock, 1000)  # the upstream takes its time: not the client's doing
     assert handler.closed == []
 
 
-def test_keep_alive_idle_counts_from_the_end_of_the_last_request(env):
-    d, clock, server, _ = env
-    c, handler = connect(d, server)
-    f = body_flow(c)
+def test_keep_alive_idle_counts_from_the_end_of_the_last_request(conn):
+    d, clock, c, handler = conn
     clock.t += 8
-    headers_in(d, f)
-    body_in(d, f)
+    f = sent(d, c)
     clock.t += 100
     answered(d, f)
     assert d.conns[c.id].idle_since == clock.t
-    clock.t += 9
-    d.check()
+    later(d, clock, 9)
     assert handler.closed == []
-    clock.t += 1
-    d.check()
+    later(d, clock, 1)
     assert handler.closed == [c]
 
 
-def test_an_answer_still_being_written_postpones_the_idle_deadline(env):
-    d, clock, server, _ = env
-    c, handler = connect(d, server)
-    f = body_flow(c)
-    headers_in(d, f)
-    body_in(d, f)
+def test_an_answer_still_being_written_postpones_the_idle_deadline(conn):
+    d, clock, c, handler = conn
+    f = sent(d, c)
     answered(d, f)
     handler.transport.buffered = 1 << 20  # the client reads its answer slowly
-    clock.t += 50
-    d.check()
+    later(d, clock, 50)
     assert handler.closed == [] and d.conns[c.id].idle_since == clock.t
     handler.transport.buffered = 0
-    clock.t += 9
-    d.check()
+    later(d, clock, 9)
     assert handler.closed == []
-    clock.t += 1
-    d.check()
+    later(d, clock, 1)
     assert handler.closed == [c]
 
 
-def test_a_hook_on_its_way_postpones_the_close(env):
-    d, clock, server, _ = env
-    c, handler = connect(d, server)
+def test_a_hook_on_its_way_postpones_the_close(conn):
+    d, clock, c, handler = conn
     handler.hook_tasks.add("requestheaders")
-    clock.t += 11
-    d.check()
+    later(d, clock, 11)
     assert handler.closed == []
     handler.hook_tasks.clear()
-    d.check()
+    later(d, clock)
     assert handler.closed == [c]
 
 
@@ -233,21 +234,18 @@ def test_connection_already_gone_is_forgotten(env):
     d, clock, server, _ = env
     c, handler = connect(d, server)
     del server.connections[c.id]
-    clock.t += 11
-    d.check()
+    later(d, clock, 11)
     assert c.id not in d.conns and handler.closed == []
 
 
-def test_disconnect_forgets_everything(env):
-    d, clock, server, _ = env
-    c, handler = connect(d, server)
+def test_disconnect_forgets_everything(conn):
+    d, clock, c, handler = conn
     f = body_flow(c)
     headers_in(d, f)
     d.client_disconnected(c)
     assert d.conns == {} and d.bodies == {}
     d.error(f)  # mitmproxy's error hook may come after the disconnect
-    clock.t += 1000
-    d.check()
+    later(d, clock, 1000)
     assert handler.closed == [] and d.conns == {}
 
 
@@ -255,42 +253,34 @@ def test_connection_from_before_a_reload_is_picked_up_by_its_next_request(env):
     d, clock, server, _ = env
     c = client()
     handler = server.connect(c)  # no client_connected: the addon was loaded later
-    f = body_flow(c)
-    headers_in(d, f)
-    body_in(d, f)
+    f = sent(d, c)
     answered(d, f)
-    clock.t += 10
-    d.check()
+    later(d, clock, 10)
     assert handler.closed == [c]
 
 
 # --------------------------------------------------------------------------- the body
 
 
-def test_body_deadline_counts_from_the_headers(env):
-    d, clock, server, _ = env
-    c, handler = connect(d, server)
+def test_body_deadline_counts_from_the_headers(conn):
+    d, clock, c, handler = conn
     clock.t += 9  # head complete just in time
     f = body_flow(c)
     headers_in(d, f)
     assert f.id in d.bodies
-    clock.t += 29.5
-    d.check()
+    later(d, clock, 29.5)
     assert handler.closed == []
-    clock.t += 0.5
-    d.check()
+    later(d, clock, 0.5)
     assert handler.closed == [c]
     assert f.metadata["keygate.error"] == "request_timeout"
 
 
-def test_body_timeout_usage_record_is_408_request_timeout(env):
-    d, clock, server, _ = env
-    c, _ = connect(d, server)
+def test_body_timeout_usage_record_is_408_request_timeout(conn):
+    d, clock, c, _ = conn
     f = body_flow(c)
     f.metadata.update({"keygate.key": "alice", "keygate.id": "req_x"})
     headers_in(d, f)
-    clock.t += 31
-    d.check()
+    later(d, clock, 31)
     # What mitmproxy reports once the connection is closed mid-body.
     f.error = Error("HTTP/1 protocol error: peer closed connection without sending "
                     "complete message body: received 3 bytes, expected 1000")
@@ -300,69 +290,59 @@ def test_body_timeout_usage_record_is_408_request_timeout(env):
         408, "request_timeout", "alice", False)
 
 
-def test_body_timeout_replaces_a_refusal_that_was_never_sent(env):
+def test_body_timeout_replaces_a_refusal_that_was_never_sent(conn):
     # Refused at headers time (no key): the answer waits for the body, which never came.
-    d, clock, server, _ = env
-    c, _ = connect(d, server)
+    d, clock, c, _ = conn
     f = body_flow(c, key=None)
     f.response = http.Response.make(401)
     f.metadata["keygate.error"] = "invalid_api_key"
     headers_in(d, f)
-    clock.t += 31
-    d.check()
+    later(d, clock, 31)
     f.error = Error("Client disconnected.")
     rec = build_record(f, f.request.timestamp_start + 31)
     assert (rec["status"], rec["error"]) == (408, "request_timeout")
 
 
-def test_complete_body_ends_the_body_deadline(env):
-    d, clock, server, _ = env
-    c, handler = connect(d, server)
+def test_complete_body_ends_the_body_deadline(conn):
+    d, clock, c, handler = conn
     f = body_flow(c)
     headers_in(d, f)
     clock.t += 29
     body_in(d, f)
     assert d.bodies == {}
-    clock.t += 100
-    d.check()
+    later(d, clock, 100)
     assert handler.closed == []
 
 
-def test_body_in_but_request_hook_still_on_its_way(env):
-    d, clock, server, _ = env
-    c, handler = connect(d, server)
+def test_body_in_but_request_hook_still_on_its_way(conn):
+    d, clock, c, handler = conn
     f = body_flow(c)
     headers_in(d, f)
     f.request.timestamp_end = 12345.0  # mitmproxy has the body; our request hook is queued
-    clock.t += 31
-    d.check()
+    later(d, clock, 31)
     assert handler.closed == [] and d.bodies == {}
 
 
-def test_streamed_upload_is_exempt(env):
-    d, clock, server, _ = env
-    c, handler = connect(d, server)
+def test_streamed_upload_is_exempt(conn):
+    d, clock, c, handler = conn
     f = body_flow(c, path="/api/blobs/sha256:" + "a" * 64, key="admin")
     headers_in(d, f)
     f.request.stream = True  # set by Policy, after Deadlines' requestheaders
-    clock.t += 3600
-    d.check()
+    later(d, clock, 3600)
     assert handler.closed == [] and d.bodies == {}
     assert "keygate.error" not in f.metadata
 
 
-def test_head_refused_by_mitmproxy_has_no_body_deadline(env):
-    d, clock, server, _ = env
-    c, handler = connect(d, server)
+def test_head_refused_by_mitmproxy_has_no_body_deadline(conn):
+    d, clock, c, handler = conn
     f = body_flow(c)
     f.error = Error("malformed")
     headers_in(d, f)
     assert d.bodies == {}
 
 
-def test_no_body_deadline_once_answered_or_failed(env):
-    d, clock, server, _ = env
-    c, handler = connect(d, server)
+def test_no_body_deadline_once_answered_or_failed(conn):
+    d, clock, c, handler = conn
     f, g = body_flow(c), body_flow(c)
     headers_in(d, f)
     headers_in(d, g)
@@ -375,55 +355,43 @@ def test_no_body_deadline_once_answered_or_failed(env):
 # --------------------------------------------------------------------------- HTTP/2
 
 
-def test_http2_head_deadline_only_while_no_stream_is_in_flight(env):
-    d, clock, server, _ = env
-    c, handler = connect(d, server)
-    f1, f2 = body_flow(c), body_flow(c)
-    headers_in(d, f1)
-    body_in(d, f1)
+def test_http2_head_deadline_only_while_no_stream_is_in_flight(conn):
+    d, clock, c, handler = conn
+    f1 = sent(d, c)
     clock.t += 5
-    headers_in(d, f2)
-    body_in(d, f2)
+    f2 = sent(d, c)
     clock.t += 20
     answered(d, f1)  # f2 still in flight: no head deadline
-    clock.t += 20
-    d.check()
+    later(d, clock, 20)
     assert handler.closed == []
     answered(d, f2)
-    clock.t += 9.5
-    d.check()
+    later(d, clock, 9.5)
     assert handler.closed == []
-    clock.t += 0.5
-    d.check()
+    later(d, clock, 0.5)
     assert handler.closed == [c]
 
 
-def test_http2_body_deadlines_are_per_stream(env):
-    d, clock, server, _ = env
-    c, handler = connect(d, server)
+def test_http2_body_deadlines_are_per_stream(conn):
+    d, clock, c, handler = conn
     done, slow = body_flow(c), body_flow(c)
     headers_in(d, done)
     clock.t += 20
     headers_in(d, slow)
     body_in(d, done)
-    clock.t += 15  # 35 s after `done`'s headers, 15 after `slow`'s
-    d.check()
+    later(d, clock, 15)  # 35 s after `done`'s headers, 15 after `slow`'s
     assert handler.closed == []
-    clock.t += 15
-    d.check()
+    later(d, clock, 15)
     assert handler.closed == [c]
     assert slow.metadata["keygate.error"] == "request_timeout"
     assert "keygate.error" not in done.metadata
 
 
-def test_several_late_streams_one_close(env):
-    d, clock, server, _ = env
-    c, handler = connect(d, server)
+def test_several_late_streams_one_close(conn):
+    d, clock, c, handler = conn
     flows = [body_flow(c) for _ in range(3)]
     for f in flows:
         headers_in(d, f)
-    clock.t += 31
-    d.check()
+    later(d, clock, 31)
     assert handler.closed == [c]
     assert all(f.metadata["keygate.error"] == "request_timeout" for f in flows)
 
@@ -435,8 +403,7 @@ def test_other_connections_are_left_alone(env):
     fine, h_fine = connect(d, server, "203.0.113.2")
     f = body_flow(fine)
     headers_in(d, f)
-    clock.t += 5
-    d.check()
+    later(d, clock, 5)
     assert h_slow.closed == [slow] and h_fine.closed == []
     assert fine.id in d.conns
 
@@ -444,15 +411,13 @@ def test_other_connections_are_left_alone(env):
 # --------------------------------------------------------------------------- reloads
 
 
-def test_reload_applies_new_timeouts_to_existing_connections(env):
-    d, clock, server, _ = env
-    c, handler = connect(d, server)
-    clock.t += 5
-    d.check()
+def test_reload_applies_new_timeouts_to_existing_connections(conn):
+    d, clock, c, handler = conn
+    later(d, clock, 5)
     assert handler.closed == []
     d.config.state = State(parse_settings("[gateway]\nclient_header_timeout_s = 2\n",
                                           CONFIG_PATH), d.config.state.keys)
-    d.check()
+    later(d, clock)
     assert handler.closed == [c]
 
 

@@ -65,41 +65,41 @@ def test_full_disk_keeps_serving_and_loses_no_line(small_disk, fake, tmp_path):
     keys = {"q": KeySpec("q", settings={"limits": {"requests_per_day": quota}})}
     gw = Gateway(tmp_path / "gw", fake.url, keys=keys).start()
     try:
-        h = httpx.Client(timeout=10, headers=keys["q"].auth)
-        ids = [h.post(gw.url + "/api/generate", json=BODY).headers["x-keygate-request-id"]
-               for _ in range(2)]
-        assert eventually(lambda: len(lines_of(gw.usage_log)) == 2)
+        with httpx.Client(timeout=10, headers=keys["q"].auth) as h:
+            ids = [h.post(gw.url + "/api/generate", json=BODY).headers["x-keygate-request-id"]
+                   for _ in range(2)]
+            assert eventually(lambda: len(lines_of(gw.usage_log)) == 2)
 
-        filler = fill(small_disk)
-        # Served while nothing can be written. (The log's last page may still take a few
-        # lines: tmpfs allocates whole pages, so keep going until a write fails.)
-        for _ in range(60):
+            filler = fill(small_disk)
+            # Served while nothing can be written. (The log's last page may still take a few
+            # lines: tmpfs allocates whole pages, so keep going until a write fails.)
+            for _ in range(60):
+                r = h.post(gw.url + "/api/generate", json=BODY)
+                assert r.status_code == 200
+                ids.append(r.headers["x-keygate-request-id"])
+                if any("cannot write usage log" in x for x in gw.lines):
+                    break
+            gw.wait_for(r"cannot write usage log .*(No space left on device|short write)",
+                        timeout=5)
+            for _ in range(3):
+                r = h.post(gw.url + "/api/generate", json=BODY)
+                assert r.status_code == 200
+                ids.append(r.headers["x-keygate-request-id"])
+            written = lines_of(gw.usage_log)  # whole lines only, never a torn one
+            assert len(written) < len(ids)
+            assert [x["id"] for x in written] == ids[:len(written)]
+
+            filler.unlink()  # space again: the held lines go out, in order, whole
+            assert eventually(lambda: len(lines_of(gw.usage_log)) == len(ids), timeout=10)
+            gw.wait_for(r"writable again: wrote \d+ held records", timeout=5)
+            assert [x["id"] for x in lines_of(gw.usage_log)] == ids
+            assert len(ids) < quota
+
+            # The quota counted every request, the ones held in memory included.
+            for _ in range(quota - len(ids)):
+                assert h.post(gw.url + "/api/generate", json=BODY).status_code == 200
             r = h.post(gw.url + "/api/generate", json=BODY)
-            assert r.status_code == 200
-            ids.append(r.headers["x-keygate-request-id"])
-            if any("cannot write usage log" in x for x in gw.lines):
-                break
-        gw.wait_for(r"cannot write usage log .*(No space left on device|short write)", timeout=5)
-        for _ in range(3):
-            r = h.post(gw.url + "/api/generate", json=BODY)
-            assert r.status_code == 200
-            ids.append(r.headers["x-keygate-request-id"])
-        written = lines_of(gw.usage_log)  # whole lines only, never a torn one
-        assert len(written) < len(ids)
-        assert [x["id"] for x in written] == ids[:len(written)]
-
-        filler.unlink()  # space again: the held lines go out, in order, whole
-        assert eventually(lambda: len(lines_of(gw.usage_log)) == len(ids), timeout=10)
-        gw.wait_for(r"writable again: wrote \d+ held records", timeout=5)
-        assert [x["id"] for x in lines_of(gw.usage_log)] == ids
-        assert len(ids) < quota
-
-        # The quota counted every request, the ones held in memory included.
-        for _ in range(quota - len(ids)):
-            assert h.post(gw.url + "/api/generate", json=BODY).status_code == 200
-        r = h.post(gw.url + "/api/generate", json=BODY)
-        assert r.status_code == 429 and r.headers["x-keygate-error"] == "insufficient_quota"
-        h.close()
+            assert r.status_code == 429 and r.headers["x-keygate-error"] == "insufficient_quota"
     finally:
         gw.stop()
 

@@ -6,15 +6,15 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from pathlib import Path
 
 from mitmproxy import hooks, http
 from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook
 from mitmproxy.test import taddons, tflow
 
+from conftest import ROOT
 from keygate.pipeline import Pipeline
 
-ADDONS = Path(__file__).resolve().parents[1] / "addons"
+ADDONS = ROOT / "addons"
 
 
 class Stage:
@@ -61,36 +61,32 @@ def run(coro_fn):
     return asyncio.run(coro_fn())
 
 
-def test_stages_run_in_order_and_see_what_earlier_ones_did():
-    calls: list = []
+def dispatch(stages: list, flow: http.HTTPFlow, *events: type) -> http.HTTPFlow:
+    """Through mitmproxy's addon manager, one Pipeline of `stages` gets each of `events`
+    (hook classes such as HttpRequestHook) for `flow`, in turn. Returns `flow`."""
 
     async def main():
         with taddons.context() as tctx:
-            p = Pipeline([Stage("a", calls), Quiet(), Stage("b", calls, answer=True),
-                          Stage("c", calls)])
-            tctx.master.addons.add(p)
-            f = tflow.tflow()
-            await tctx.master.addons.handle_lifecycle(HttpRequestHook(f))
-            await tctx.master.addons.handle_lifecycle(HttpResponseHook(f))
+            tctx.master.addons.add(Pipeline(stages))
+            for event in events:
+                await tctx.master.addons.handle_lifecycle(event(flow))
 
     run(main)
+    return flow
+
+
+def test_stages_run_in_order_and_see_what_earlier_ones_did():
+    calls: list = []
+    dispatch([Stage("a", calls), Quiet(), Stage("b", calls, answer=True), Stage("c", calls)],
+             tflow.tflow(), HttpRequestHook, HttpResponseHook)
     assert calls == [("a", "request", False), ("b", "request", False), ("c", "request", True),
                      ("a", "response", 418), ("b", "response", 418), ("c", "response", 418)]
 
 
 def test_an_awaitable_finishes_before_the_next_stage_runs():
     calls: list = []
-
-    async def main():
-        with taddons.context() as tctx:
-            p = Pipeline([Stage("a", calls), Stage("b", calls, wait=True, answer=True),
-                          Stage("c", calls)])
-            tctx.master.addons.add(p)
-            f = tflow.tflow()
-            await tctx.master.addons.handle_lifecycle(HttpRequestHook(f))
-            return f
-
-    f = run(main)
+    f = dispatch([Stage("a", calls), Stage("b", calls, wait=True, answer=True),
+                  Stage("c", calls)], tflow.tflow(), HttpRequestHook)
     assert calls == [("a", "request", False), ("b", "request", False),
                      ("b", "request done", False), ("c", "request", True)]
     assert f.response.content == b"answered later"
@@ -98,16 +94,8 @@ def test_an_awaitable_finishes_before_the_next_stage_runs():
 
 def test_a_failing_stage_ends_the_event_for_later_stages_and_is_logged(caplog):
     calls: list = []
-
-    async def main():
-        with taddons.context() as tctx:
-            p = Pipeline([Stage("a", calls, fail=True), Stage("b", calls)])
-            tctx.master.addons.add(p)
-            f = tflow.tflow(resp=True)
-            await tctx.master.addons.handle_lifecycle(HttpRequestHook(f))
-            await tctx.master.addons.handle_lifecycle(HttpResponseHook(f))
-
-    run(main)
+    dispatch([Stage("a", calls, fail=True), Stage("b", calls)], tflow.tflow(resp=True),
+             HttpRequestHook, HttpResponseHook)
     # As mitmproxy treats a script's addons: b does not run for that event, the next
     # event reaches every stage again.
     assert calls == [("a", "request", True), ("a", "response", 200), ("b", "response", 200)]

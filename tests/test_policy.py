@@ -417,12 +417,10 @@ def test_body_cleaning_holds_for_case_variant_keys(path, field, value):
 
 @pytest.mark.parametrize("encoding", ["gzip", "br"])
 def test_an_encoded_request_body_is_checked_as_decoded(encoding):
-    ok = make_flow("POST", "/api/chat", key="llama")
-    ok.request.headers["content-encoding"] = encoding
-    ok.request.content = json.dumps({"model": "llama3.2:1b", "messages": []}).encode()
-    denied = make_flow("POST", "/api/chat", key="llama")
-    denied.request.headers["content-encoding"] = encoding
-    denied.request.content = json.dumps({"model": "qwen2.5:7b", "messages": []}).encode()
+    ok = make_flow("POST", "/api/chat", key="llama", headers={"content-encoding": encoding},
+                   body={"model": "llama3.2:1b", "messages": []})
+    denied = make_flow("POST", "/api/chat", key="llama", headers={"content-encoding": encoding},
+                       body={"model": "qwen2.5:7b", "messages": []})
     config = make_config()
     with taddons.context():
         for f in (ok, denied):
