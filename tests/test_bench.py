@@ -8,6 +8,8 @@ import numbers
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("small_requests", "streams", "slow_streams", "keys", "startup")
 
@@ -61,9 +63,17 @@ def test_bench_quick_reports_every_section(tmp_path):
             row.keys()
         ), row
     floors = {t["target"]: t["floor"] for t in results["targets"] if "floor" in t}
-    assert len(floors) == 6, results["targets"]
+    assert len(floors) == 7, results["targets"]
     for target, floor in floors.items():
-        want = "mitmdump_streaming" if "stream" in target else "minimal_addon"
+        if "stream" in target:
+            want = "mitmdump_streaming"
+        elif target.startswith("throughput"):
+            want = "minimal_addon"
+        elif target.startswith(("CPU", "p50")):
+            want = "bare_plus_hooks"
+        else:
+            assert "quota key" in target, target
+            want = "bare_plus_json"
         assert floor["proxy"] == want, (target, floor)
         assert isinstance(floor["value"], numbers.Real), (target, floor)
     # Its rows in the printed tables: c=1 and c=100 in 2, one in 3, three floors in SPEC 9's.
@@ -75,8 +85,24 @@ def test_bench_quick_reports_every_section(tmp_path):
     assert {"rps_c32", "rps_vs_bare", "cpu_us_per_request", "cpu_vs_bare",
             "p50_minus_bare_ms"} <= row.keys(), row
     assert row["rps_c32"] > 0 and row["cpu_us_per_request"] > 0, row
-    # Its row and note in table 1, three floors in SPEC 9's.
-    assert proc.stdout.count("minimal addon (bench/minauth.py)") == 5, proc.stdout
+    # Its row and note in table 1, the throughput floor in SPEC 9's.
+    assert proc.stdout.count("minimal addon (bench/minauth.py)") == 3, proc.stdout
+
+    # keygate's own hook time, timed in its process (bench/hooktime.py), at c=1 and c=32:
+    # the floor of the CPU and latency targets, with the stages it comes from.
+    hooks = results["small_requests"]["keygate_hooks"]
+    for label in ("c1", "c32"):
+        assert hooks[label]["requests"] > 0 and hooks[label]["us_per_request"] > 0, hooks
+        stages = hooks[label]["stages_us"]
+        assert {"Auth.requestheaders", "Policy.request", "Usage.response"} <= stages.keys()
+        assert sum(stages.values()) == pytest.approx(hooks[label]["us_per_request"], abs=3)
+    by_target = {t["target"]: t for t in results["targets"]}
+    p50 = by_target["p50 latency (c=1) <= bare + 0.3 ms"]["floor"]["value"]
+    assert p50 == pytest.approx(hooks["c1"]["us_per_request"] / 1000, abs=0.001)
+    assert proc.stdout.count("bare mitmdump + keygate's hook time") == 2, proc.stdout
+    # The cold start-up's floor: bare mitmdump's start plus one read of the log's JSON.
+    assert results["startup"]["json_read_s"] > 0
+    assert proc.stdout.count("bare mitmdump start + reading the log's JSON") == 1
 
 
 def test_the_minimal_addon_checks_the_key(monkeypatch):
