@@ -10,7 +10,7 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons
 
-from keygate.authentication import Auth, client_address, presented_key
+from keygate.authentication import Auth, client_address, take_credentials
 from keygate_unit import make_config, make_flow, secret_of
 
 S = "sk-test-0123456789"
@@ -20,7 +20,7 @@ def headers(*pairs: tuple[str, str]) -> http.Headers:
     return http.Headers([(k.encode(), v.encode()) for k, v in pairs])
 
 
-# --------------------------------------------------------------------------- presented_key
+# --------------------------------------------------------------------------- the presented key
 
 
 @pytest.mark.parametrize("pairs, key", [
@@ -55,7 +55,7 @@ def headers(*pairs: tuple[str, str]) -> http.Headers:
     ([("api-key", S)], None),
 ])
 def test_presented_key(pairs, key):
-    assert presented_key(headers(*pairs)) == key
+    assert take_credentials(headers(*pairs), None)[0] == key
 
 
 # --------------------------------------------------------------------------- client_address

@@ -17,6 +17,7 @@ from mitmproxy import http
 from . import endpoints
 from .configuration import Config
 from .errors import refuse
+from .headerfields import text
 from .keys import KeyRing
 
 
@@ -58,11 +59,6 @@ def _in(ip: str, nets: tuple) -> bool:
     return any(a in n for n in nets)
 
 
-def presented_key(headers: http.Headers) -> str | None:
-    """The key from `Authorization: Bearer <key>` or `x-api-key`, or None."""
-    return key_of(headers.get_all("authorization"), headers.get_all("x-api-key"))
-
-
 def key_of(auth: list[str], xkey: list[str]) -> str | None:
     """The key the Authorization and x-api-key values present, or None.
 
@@ -92,10 +88,6 @@ DROPPED_HEADERS = frozenset({b"authorization", b"x-api-key", b"proxy-authorizati
                              b"api-key", b"x-goog-api-key", b"origin"})
 
 
-def _text(b: bytes) -> str:
-    return b.decode("utf-8", "surrogateescape")  # as mitmproxy's Headers decode values
-
-
 def take_credentials(headers: http.Headers, keys: KeyRing | None) -> tuple[str | None, bool]:
     """Remove the credential from the request headers and return (the presented key or
     None, whether an Authorization or x-api-key header was there).
@@ -110,9 +102,9 @@ def take_credentials(headers: http.Headers, keys: KeyRing | None) -> tuple[str |
         name = field[0].lower()
         if name in DROPPED_HEADERS:
             if name == b"authorization":
-                auth.append(_text(field[1]))
+                auth.append(text(field[1]))
             elif name == b"x-api-key":
-                xkey.append(_text(field[1]))
+                xkey.append(text(field[1]))
         else:
             kept.append(field)
     secret = key_of(auth, xkey)

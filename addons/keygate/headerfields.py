@@ -12,6 +12,11 @@ from typing import Mapping
 from mitmproxy import http
 
 
+def text(value: bytes) -> str:
+    """A raw header value as mitmproxy's `Headers` gives it."""
+    return value.decode("utf-8", "surrogateescape")
+
+
 def has_field(headers: http.Headers, name: bytes) -> bool:
     """Whether a header `name` (lower case) is present."""
     return any(f[0].lower() == name for f in headers.fields)
@@ -21,7 +26,7 @@ def get_field(headers: http.Headers, name: bytes) -> str | None:
     """The first value of header `name` (lower case), as `headers.get(name)` gives it."""
     for f in headers.fields:
         if f[0].lower() == name:
-            return f[1].decode("utf-8", "surrogateescape")
+            return text(f[1])
     return None
 
 
