@@ -9,12 +9,11 @@ import os
 import signal
 import socket
 import stat
-import time
 
 import httpx
 import pytest
 
-from conftest import Gateway
+from conftest import Gateway, eventually
 
 P = "one two three four"
 
@@ -166,9 +165,7 @@ def test_500_concurrent_requests_500_lines(gateway, fake):
     responses = asyncio.run(run())
     ids = {r.headers["x-keygate-request-id"] for r in responses}
     assert len(ids) == 500
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and len(gateway.usage()) < before + 500:
-        time.sleep(0.1)
+    eventually(lambda: len(gateway.usage()) >= before + 500, timeout=10, interval=0.1)
     raw = gateway.usage_log.read_bytes().splitlines()[before:]
     records = [json.loads(line) for line in raw]  # every line whole and parseable
     assert len(records) == 500 and {r["id"] for r in records} == ids
@@ -203,9 +200,7 @@ def test_counters_survive_restart(fake, tmp_path, how):
     h = httpx.Client(timeout=10, headers=budget.auth)
     for _ in range(3):
         assert h.post(gw.url + "/api/generate", json=body).status_code == 200
-    deadline = time.monotonic() + 5
-    while len(gw.usage()) < 3 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    eventually(lambda: len(gw.usage()) >= 3)
     if how == "sigkill":
         os.kill(gw.proc.pid, signal.SIGKILL)
         gw.proc.wait(10)
@@ -231,9 +226,7 @@ def test_unwritable_log_keeps_serving_and_recovers(fake, tmp_path):
     h = httpx.Client(timeout=10, headers=gw.key("alice").auth)
     body = {"model": "llama3.2", "prompt": "x", "stream": False}
     assert h.post(gw.url + "/api/generate", json=body).status_code == 200
-    deadline = time.monotonic() + 5
-    while len(gw.usage()) < 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    eventually(lambda: len(gw.usage()) >= 1)
     # The log goes away and its path becomes a directory: nothing can be written there.
     moved = tmp_path / "usage.before.jsonl"
     gw.usage_log.rename(moved)
@@ -243,12 +236,8 @@ def test_unwritable_log_keeps_serving_and_recovers(fake, tmp_path):
     # (A directory rather than permission bits: root, as in CI, ignores those.)
     gw.wait_for(r"cannot write usage log", timeout=5, after=0)
     gw.usage_log.rmdir()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not gw.usage_log.exists():
-        time.sleep(0.1)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and len(gw.usage()) < 3:
-        time.sleep(0.1)
+    eventually(gw.usage_log.exists, timeout=10, interval=0.1)
+    eventually(lambda: len(gw.usage()) >= 3, interval=0.1)
     assert [r["id"] for r in gw.usage()] == ids
     h.close()
     gw.stop()
