@@ -7,8 +7,9 @@ import re
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from mitmproxy.test import tflow
 
-from keygate.usage import iso_ms, new_request_id
+from keygate.usage import iso_ms, new_request_id, request_id
 
 
 def reference(ts: float) -> str:
@@ -37,3 +38,12 @@ def test_request_ids_are_distinct_and_shaped_like_20_hex_digits():
     ids = [new_request_id() for _ in range(20_000)]
     assert len(set(ids)) == len(ids)
     assert all(re.fullmatch(r"req_[0-9a-f]{20}", i) for i in ids)
+
+
+def test_a_flow_keeps_the_request_id_it_was_first_given():
+    f = tflow.tflow()
+    first = request_id(f)
+    assert re.fullmatch(r"req_[0-9a-f]{20}", first)
+    assert request_id(f) == first == f.metadata["keygate.id"]
+    f.metadata["keygate.id"] = "req_set_elsewhere"
+    assert request_id(f) == "req_set_elsewhere"

@@ -44,6 +44,14 @@ def new_request_id() -> str:
     return f"req_{_ids.getrandbits(80):020x}"
 
 
+def request_id(flow: http.HTTPFlow) -> str:
+    """The flow's request id, drawn the first time it is asked for."""
+    rid = flow.metadata.get("keygate.id")
+    if rid is None:
+        rid = flow.metadata["keygate.id"] = new_request_id()
+    return rid
+
+
 _second: tuple[int, str] = (-1, "")
 
 
@@ -231,7 +239,7 @@ class Usage:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         # Runs for every request, refused ones included: they get an id and a line too.
-        flow.metadata.setdefault("keygate.id", new_request_id())
+        request_id(flow)
         flow.metadata["keygate.seen"] = True
         if flow.error is not None and flow.response is None:
             # mitmproxy found the request malformed before any addon could act (smuggling
@@ -257,8 +265,7 @@ class Usage:
         # Once per response object: the response hook follows responseheaders for most.
         if flow.response is not None and flow.metadata.get("keygate.stamped") != id(
                 flow.response):
-            set_fields(flow.response.headers,
-                       {ID_HEADER: flow.metadata.setdefault("keygate.id", new_request_id())})
+            set_fields(flow.response.headers, {ID_HEADER: request_id(flow)})
             flow.metadata["keygate.stamped"] = id(flow.response)
 
     def client_disconnected(self, client) -> None:
@@ -281,7 +288,7 @@ class Usage:
         if flow.metadata.get("keygate.logged"):
             return
         flow.metadata["keygate.logged"] = True
-        flow.metadata.setdefault("keygate.id", new_request_id())
+        request_id(flow)
         record = build_record(flow, time.time())
         writer = self.writer
         if writer is None:
