@@ -146,7 +146,7 @@ class Auth:
         # header a client also put a key in.
         secret, had_header = take_credentials(flow.request.headers, state.keys)
 
-        ep = endpoints.classify_request(flow.request)
+        ep = endpoints.classify_request(flow)
         if ep is not None and ep.scope is None:
             return  # answered by keygate without a key (GET /)
 

@@ -118,7 +118,7 @@ class Catalog:
         channels = self.config.state.settings.channels
         if not channels:
             return None
-        path = flow.request.path.split("?", 1)[0]
+        path = endpoints.client_path(flow)
         ep = endpoints.classify(flow.request.method, path)
         if ep is None or ep.kind not in ("list", "model"):
             return None

@@ -82,14 +82,14 @@ def classify(method: str, path: str) -> Endpoint | None:
     return None
 
 
-def classify_request(request) -> Endpoint | None:
-    """classify() for a mitmproxy request as received. Methods are matched as sent:
+def classify_request(flow) -> Endpoint | None:
+    """classify() for a flow's request as the client sent it. Methods are matched as sent:
     mitmproxy upper-cases `.method` but forwards the method as received, and upstreams
     route methods case-sensitively, so "get" is not GET, nor in the table."""
-    raw = request.data.method
+    raw = flow.request.data.method
     if raw != raw.upper():
         return None
-    return classify(request.method, request.path.split("?", 1)[0])
+    return classify(flow.request.method, client_path(flow))
 
 
 def client_path(flow) -> str:

@@ -81,8 +81,8 @@ class Policy:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
-        path = flow.request.path.split("?", 1)[0]
-        ep = endpoints.classify_request(flow.request)
+        path = endpoints.client_path(flow)
+        ep = endpoints.classify_request(flow)
         if ep is not None and ep.kind == "root":
             flow.response = root_response(flow.request.method)
             return
@@ -117,7 +117,7 @@ class Policy:
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
-        ep = endpoints.classify(flow.request.method, flow.request.path.split("?", 1)[0])
+        ep = endpoints.classify(flow.request.method, endpoints.client_path(flow))
         if ep is None or ep.kind not in ("inference", "show"):
             return
         limit = self.config.state.settings.max_body_bytes
