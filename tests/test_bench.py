@@ -104,6 +104,26 @@ def test_bench_quick_reports_every_section(tmp_path):
     assert results["startup"]["json_read_s"] > 0
     assert proc.stdout.count("bare mitmdump start + reading the log's JSON") == 1
 
+    # The targets in ms and s (wall-clock times, set on SPEC 9's reference machine) also
+    # get a verdict with the limit scaled by how much slower bare mitmdump runs here.
+    scale = results["meta"]["machine_scale"]
+    bare_cpu = results["small_requests"]["bare_mitmdump"]["cpu_us_per_request"]
+    assert scale == pytest.approx(bare_cpu / 850, abs=0.001)
+    timed = [t for t in results["targets"] if t["unit"] in ("ms", "s")]
+    assert len(timed) == 7, results["targets"]
+    for t in results["targets"]:
+        if t not in timed:
+            assert "scaled" not in t, t
+            continue
+        op, limit = t["limit"].split()
+        scaled_op, scaled_limit = t["scaled"]["limit"].split()
+        assert scaled_op == op, t
+        assert float(scaled_limit) == pytest.approx(float(limit) * scale, rel=0.006), t
+        assert isinstance(t["scaled"]["ok"], bool), t
+        if "floor" in t:
+            assert isinstance(t["floor"]["scaled_ok"], bool), t
+    assert f"times scaled x{scale:.2f}" in proc.stdout, proc.stdout
+
 
 def test_the_minimal_addon_checks_the_key(monkeypatch):
     import hashlib
