@@ -19,11 +19,15 @@ def text(value: bytes) -> str:
 
 def has_field(headers: http.Headers, name: bytes) -> bool:
     """Whether a header `name` (lower case) is present."""
-    return any(f[0].lower() == name for f in headers.fields)
+    for f in headers.fields:
+        if f[0].lower() == name:
+            return True
+    return False
 
 
 def get_field(headers: http.Headers, name: bytes) -> str | None:
-    """The first value of header `name` (lower case), as `headers.get(name)` gives it."""
+    """The first value of header `name` (lower case), decoded as `Headers` decodes it
+    (`headers.get` would join repeated values with ", ")."""
     for f in headers.fields:
         if f[0].lower() == name:
             return text(f[1])
@@ -33,10 +37,15 @@ def get_field(headers: http.Headers, name: bytes) -> str | None:
 def set_fields(headers: http.Headers, values: Mapping[str, str]) -> None:
     """headers[name] = value for each item (names in lower case): any existing fields of
     those names are replaced, the new ones go last."""
-    new = tuple((k.encode("ascii"), v.encode("utf-8", "surrogateescape"))
-                for k, v in values.items())
+    new = tuple([(k.encode("ascii"), v.encode("utf-8", "surrogateescape"))
+                 for k, v in values.items()])
     names = {k for k, _ in new}
-    headers.fields = tuple(f for f in headers.fields if f[0].lower() not in names) + new
+    fields = headers.fields
+    for f in fields:
+        if f[0].lower() in names:  # (rare: keygate's names are its own) rebuild without them
+            fields = tuple([f for f in fields if f[0].lower() not in names])
+            break
+    headers.fields = fields + new
 
 
 def decoded_body(message: http.Message) -> bytes | None:
