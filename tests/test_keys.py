@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import ipaddress
@@ -12,6 +13,7 @@ import pytest
 from keygate.keys import (
     DEFAULT_SCOPES,
     EMPTY,
+    LIMIT_NAMES,
     ConfigError,
     Key,
     KeyRing,
@@ -140,6 +142,14 @@ def test_every_field():
     assert k.limits == Limits(rpm=60, tpm=100000, concurrent=4, requests_per_day=5000,
                               tokens_per_day=1000000, tokens_total=50000000)
     assert k.limits.any()
+
+
+@pytest.mark.parametrize("name", LIMIT_NAMES)
+def test_any_limit_alone_counts(name):
+    # Limits.any() spells the fields out: a limit added to the class must be added there.
+    assert [f.name for f in dataclasses.fields(Limits)] == list(LIMIT_NAMES)
+    assert Limits(**{name: 1}).any()
+    assert Limits(**{name: 0}).any()  # zero is a limit (nothing allowed), not "no limit"
 
 
 def test_partial_limits_and_null_limits():
