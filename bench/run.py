@@ -1723,6 +1723,7 @@ def report(res: dict) -> str:
                 ]
             )
     scale = m.get("machine_scale")
+    bare_cpu = sr["bare_mitmdump"]["cpu_us_per_request"]
     parts.append(
         table(
             "SPEC 9 targets",
@@ -1735,8 +1736,8 @@ def report(res: dict) -> str:
                 "plus one read of the log's JSON with keygate's reader (cold start-up)",
                 f"times scaled: the targets in ms and s are wall-clock times set on SPEC 9's "
                 f"reference machine, where bare mitmdump used ~{REFERENCE_BARE_CPU_US:.0f} us "
-                f"of CPU per small request; here it used {sr['bare_mitmdump']['cpu_us_per_request']:,.0f} "
-                f"us (x{fmt(scale)}), and the limit is scaled by as much",
+                f"of CPU per small request; here it used {bare_cpu:,.0f} us (x{fmt(scale)}), "
+                "and the limit is scaled by as much",
             ],
         )
     )
