@@ -25,7 +25,9 @@ Load comes from a separate process: `wrk` when it is installed (the script insta
 apt-get when it can), else bench/load.py (asyncio + httpx). Each measurement is repeated
 (3 rounds, 5 for the small requests; `--quick`: 1, with smaller counts) and the median is
 reported. Output: an aligned table on stdout; with `--json FILE` the same numbers as JSON.
-Progress goes to stderr.
+Progress goes to stderr. The last table sets the figures against SPEC 9's targets; those
+given in ms or s (wall-clock times from SPEC 9's reference machine) also against the limit
+scaled by this machine's speed (see targets()).
 
 Every process started here is stopped by its pid when the run ends, on errors and on Ctrl-C
 too, and every step is bounded in time (the whole run by --time-limit).
