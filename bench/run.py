@@ -1724,8 +1724,7 @@ def report(res: dict) -> str:
                     ("(ok)" if f["scaled_ok"] else "(missed)") if sc else "",
                 ]
             )
-    scale = m.get("machine_scale")
-    bare_cpu = sr["bare_mitmdump"]["cpu_us_per_request"]
+    scale, bare_cpu = machine_scale(res), sr["bare_mitmdump"]["cpu_us_per_request"]
     parts.append(
         table(
             "SPEC 9 targets",
