@@ -257,6 +257,28 @@ def test_edited_streams_hold_only_an_incomplete_frame():
     assert b"".join(meter(line1[10:] + line2[:5])) == line1.replace(b"qwen2.5:7b", b"gpt-4o-mini")
 
 
+def test_unmarked_frames_leave_whole_while_usage_is_taken_out():
+    # Stripping usage edits only the frame that carries it: the frames before it leave as
+    # soon as they are complete, and only an unfinished one is held back, since its rest
+    # could still bring "usage".
+    data = openai_chat()
+    frames = data.split(b"\n\n")  # three content frames, the usage frame, [DONE], b""
+    first_two = frames[0] + b"\n\n" + frames[1] + b"\n\n"
+    meter = StreamMeter("openai", True, Tally(), strip_usage=True)
+
+    def sent(chunk: bytes) -> bytes:
+        r = meter(chunk)
+        return b"".join(r) if isinstance(r, list) else r
+
+    k = frames[3].index(b'"usage"') + 3  # the usage frame, cut inside its marker
+
+    assert sent(first_two + frames[2][:9]) == first_two
+    assert sent(frames[2][9:] + b"\n\n" + frames[3][:k]) == frames[2] + b"\n\n"
+    assert sent(frames[3][k:] + b"\n\n" + frames[4] + b"\n\n") == frames[4] + b"\n\n"
+    assert sent(b"") == b""
+    assert meter.tally == Tally(10, 2, 12, True, False)
+
+
 def test_stream_without_a_final_newline():
     data = native_chat("qwen2.5:7b").rstrip(b"\n")
     meter = StreamMeter("ollama", False, Tally(), alias=("qwen2.5:7b", "gpt-4o-mini"))

@@ -33,6 +33,26 @@ _SSE_SEP = re.compile(rb"\r?\n\r?\n")
 _NATIVE_END = re.compile(rb'"done"\s*:\s*true|"error"\s*:|"status"\s*:\s*"success"')
 
 
+def _marked(buf: bytes, sse: bool) -> bool:
+    """Whether `buf` may hold a frame worth parsing. Bytes of an event stream without any
+    of these hold no counts, no error, no end marker and no named event (see
+    StreamMeter._look_event). (Substring tests: an alternation in `re` takes ~2x as long
+    on a typical 250-byte chunk.)"""
+    if sse:
+        return (b'"usage"' in buf or b'"error"' in buf or b"[DONE]" in buf
+                or b"event:" in buf)
+    return _NATIVE_END.search(buf) is not None
+
+
+def _frames_end(buf: bytes, sse: bool) -> int:
+    """Where the last complete frame of `buf` ends (0: none does): after the last event
+    separator (a blank line: LF LF, CR LF CR LF or a mix), or the last LF of NDJSON."""
+    if not sse:
+        return buf.rfind(b"\n") + 1
+    lf, crlf = buf.rfind(b"\n\n"), buf.rfind(b"\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
+
+
 @dataclass
 class Tally:
     """What a response said about itself, filled in as it passes."""
@@ -129,6 +149,8 @@ class StreamMeter:
     def _feed(self, data: bytes) -> bytes | list[bytes]:
         buf = self.pending + data
         end = data == b""
+        if not end and self.alias is None and not _marked(buf, self.sse):
+            return self._pass(buf, data)
         frames, self.pending = self._split(buf, end)
         if not self.edits:
             for frame, _ in frames:
@@ -141,6 +163,17 @@ class StreamMeter:
                 out.append(edited + sep)
         # An empty list sends nothing now; b"" here would end the response early.
         return out if out or not end else b""
+
+    def _pass(self, buf: bytes, data: bytes) -> bytes | list[bytes]:
+        """What _feed sends for bytes in which no frame is worth reading and nothing is
+        renamed (most chunks of a stream), without taking the frames apart: the same
+        bytes, and the same unfinished frame at the end held back for the next chunk,
+        which may complete it into one worth reading."""
+        cut = _frames_end(buf, self.sse)
+        self.pending = buf[cut:]
+        if not self.edits:
+            return data
+        return buf[:cut] if cut else []  # (b"" would end the response)
 
     def _split(self, buf: bytes, end: bool) -> tuple[list[tuple[bytes, bytes]], bytes]:
         frames = []
