@@ -41,8 +41,8 @@ def set_fields(headers: http.Headers, values: Mapping[str, str]) -> None:
                  for k, v in values.items()])
     names = {k for k, _ in new}
     fields = headers.fields
-    for f in fields:
-        if f[0].lower() in names:  # (rare: keygate's names are its own) rebuild without them
+    for field in fields:
+        if field[0].lower() in names:  # (rare: keygate's names are its own) rebuild
             fields = tuple([f for f in fields if f[0].lower() not in names])
             break
     headers.fields = fields + new
