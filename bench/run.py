@@ -29,6 +29,10 @@ Progress goes to stderr. The last table sets the figures against SPEC 9's target
 given in ms or s (wall-clock times from SPEC 9's reference machine) also against the limit
 scaled by this machine's speed (see targets()).
 
+`--instructions` runs bench/instructions.py instead: bare mitmdump, the minimal addon and
+keygate under valgrind's callgrind, the instructions each runs per small request (CPU work
+without the noise of CPU time).
+
 Every process started here is stopped by its pid when the run ends, on errors and on Ctrl-C
 too, and every step is bounded in time (the whole run by --time-limit).
 """
@@ -1778,14 +1782,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="instead: count the instructions per small request of bare mitmdump, the "
+        "minimal addon and keygate under valgrind's callgrind (installed with apt-get if "
+        "missing; ~7 minutes; bench/instructions.py)",
+    )
+    parser.add_argument(
         "--time-limit",
         type=int,
         default=0,
-        help="abort after this many seconds (default 300 quick, 1500 full)",
+        help="abort after this many seconds (default 300 quick, 1500 full, 1200 "
+        "--instructions)",
     )
     args = parser.parse_args(argv)
     profile = QUICK if args.quick else FULL
-    limit = args.time_limit or profile.time_limit
+    limit = args.time_limit or (1200 if args.instructions else profile.time_limit)
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
@@ -1810,6 +1822,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="keygate-bench-"))
     rc = 0
     try:
+        if args.instructions:
+            return _instructions(procs, tmp, args.json)
         wrk = None if args.client == "python" else ensure_wrk(True)
         if args.client == "wrk" and not wrk:
             raise BenchError("--client wrk: wrk is not available")
@@ -1846,6 +1860,25 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     return rc
+
+
+def _instructions(procs: Procs, tmp: Path, json_file: str | None) -> int:
+    import instructions  # bench/instructions.py, beside this file
+
+    tools = instructions.ensure_valgrind(True)
+    if tools is None:
+        raise BenchError("--instructions needs valgrind (Debian: apt-get install valgrind)")
+    say(f"instruction counts under callgrind, work folder {tmp}")
+    try:
+        results = instructions.measure(procs, tmp, tools)
+    except instructions.run.BenchError as e:  # this file again, imported there as `run`
+        raise BenchError(str(e)) from None
+    signal.alarm(0)
+    print(instructions.report(results), flush=True)
+    if json_file:
+        Path(json_file).write_text(json.dumps(results, indent=2) + "\n")
+        say(f"results written to {json_file}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -157,3 +157,47 @@ def test_the_minimal_addon_checks_the_key(monkeypatch):
         f.response = http.Response.make(200, b"{}", {"content-type": ctype})
         addon.responseheaders(f)
         assert f.response.stream is streamed, ctype
+
+
+@pytest.fixture
+def instructions(monkeypatch):
+    """bench/instructions.py (scripts/bench --instructions), imported as run.py imports it."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import instructions
+
+    return instructions
+
+
+def test_instruction_counts_are_read_from_callgrind_dumps(instructions, tmp_path):
+    out = tmp_path / "callgrind.out"
+    # callgrind_control asks the process for a dump; callgrind writes out.1, out.2, ...
+    for part, total in ((1, 4_000_000), (2, 1_900_000_000)):
+        Path(f"{out}.{part}").write_text(
+            f"# callgrind format\nversion: 1\npid: 4242\npart: {part}\n\nevents: Ir\n"
+            f"summary: {total}\n\nfn=(1) main\n0 {total}\n\ntotals: {total}\n")
+    cg = instructions.Callgrind(("valgrind", "true"), out, 4242)  # `true`: a no-op control
+    idle, counted = cg.dump(), cg.dump()
+    assert (idle, counted) == (4_000_000, 1_900_000_000)
+    c = instructions.Count("keygate", requests=200, seconds=25.0, instructions=counted,
+                           idle_per_second=idle / 10.0)
+    # What the timers ran meanwhile (the idle rate over the requests' 25 s) is taken off.
+    assert c.per_request == pytest.approx((1_900_000_000 - 400_000 * 25.0) / 200)
+    assert c.as_dict()["instructions_per_request"] == 9_450_000
+
+
+def test_instruction_count_command_and_report(instructions):
+    cmd = instructions.Callgrind.command("/usr/bin/valgrind", Path("/tmp/x.out"),
+                                         ["mitmdump", "--mode", "reverse:http://127.0.0.1:1"])
+    assert cmd[:4] == ["/usr/bin/valgrind", "--tool=callgrind", "--instr-atstart=no",
+                       "--callgrind-out-file=/tmp/x.out"]
+    assert cmd[5:] == ["mitmdump", "--mode", "reverse:http://127.0.0.1:1"]  # after python
+    res = {"requests": 200, "targets": {
+        "bare mitmdump": {"instructions_per_request": 7_969_000, "vs_bare": 1.0,
+                          "idle_instructions_per_s": 1000, "seconds": 25.7},
+        "keygate (10,000 keys)": {"instructions_per_request": 9_020_000, "vs_bare": 1.132,
+                                  "idle_instructions_per_s": 950_000, "seconds": 27.6},
+    }}
+    text = instructions.report(res)
+    assert "200 sequential requests" in text
+    row = next(line for line in text.splitlines() if line.startswith("keygate"))
+    assert row.split()[-4:] == ["9.020", "1.132", "0.95", "27.6"], row
