@@ -41,11 +41,11 @@ stages = [
     usage,  # request ids and the usage log
 ]
 
-addons = [Pipeline(stages)]
+# After the stages, even when one raised: refuse what they did not let through.
+addons = [Pipeline(stages, last=[failclosed.LastStage()])]
 
 # mitmproxy looks every event's hook up on this module too: answer without an exception.
 globals().update(absent_hooks(globals()))
 
-# Outside the pipeline on purpose: they must survive a broken reload of this file.
-failclosed.install()
+# Outside the pipeline on purpose: it must survive a broken reload of this file.
 redact.install()  # no request bytes (keys) in mitmproxy's own log lines

@@ -7,6 +7,7 @@ import asyncio
 import subprocess
 import sys
 
+import pytest
 from mitmproxy import hooks, http
 from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook
 from mitmproxy.test import taddons, tflow
@@ -61,13 +62,13 @@ def run(coro_fn):
     return asyncio.run(coro_fn())
 
 
-def dispatch(stages: list, flow: http.HTTPFlow, *events: type) -> http.HTTPFlow:
-    """Through mitmproxy's addon manager, one Pipeline of `stages` gets each of `events`
-    (hook classes such as HttpRequestHook) for `flow`, in turn. Returns `flow`."""
+def dispatch(stages: list, flow: http.HTTPFlow, *events: type, last: list = ()) -> http.HTTPFlow:
+    """Through mitmproxy's addon manager, one Pipeline of `stages` (and `last`) gets each of
+    `events` (hook classes such as HttpRequestHook) for `flow`, in turn. Returns `flow`."""
 
     async def main():
         with taddons.context() as tctx:
-            tctx.master.addons.add(Pipeline(stages))
+            tctx.master.addons.add(Pipeline(stages, last))
             for event in events:
                 await tctx.master.addons.handle_lifecycle(event(flow))
 
@@ -100,6 +101,69 @@ def test_a_failing_stage_ends_the_event_for_later_stages_and_is_logged(caplog):
     # event reaches every stage again.
     assert calls == [("a", "request", True), ("a", "response", 200), ("b", "response", 200)]
     assert "a failed" in caplog.text
+
+
+class Last:
+    """A last stage: records what the request looked like when it ran."""
+
+    def __init__(self, calls: list) -> None:
+        self.calls = calls
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        self.calls.append(("last", "request", flow.response is not None))
+
+    def done(self):
+        self.calls.append(("last", "done"))
+
+
+def test_last_stages_run_after_the_others():
+    calls: list = []
+    dispatch([Stage("a", calls), Stage("b", calls, answer=True)], tflow.tflow(),
+             HttpRequestHook, last=[Last(calls)])
+    assert calls == [("a", "request", False), ("b", "request", False), ("last", "request", True)]
+
+
+def test_last_stages_run_once_an_awaitable_stage_is_done():
+    calls: list = []
+    dispatch([Stage("a", calls, wait=True, answer=True), Stage("b", calls)], tflow.tflow(),
+             HttpRequestHook, last=[Last(calls)])
+    assert calls == [("a", "request", False), ("a", "request done", False),
+                     ("b", "request", True), ("last", "request", True)]
+
+
+def test_last_stages_run_also_when_a_stage_raised(caplog):
+    calls: list = []
+    dispatch([Stage("a", calls, fail=True), Stage("b", calls)], tflow.tflow(),
+             HttpRequestHook, last=[Last(calls)])
+    assert calls == [("a", "request", False), ("last", "request", False)]
+    assert "a failed" in caplog.text  # and the error still reaches mitmproxy's log
+
+
+def test_last_stages_run_also_when_an_awaited_stage_raised(caplog):
+    calls: list = []
+
+    class LateFailure(Stage):
+        async def _later(self, flow):
+            raise RuntimeError("late failure")
+
+    dispatch([LateFailure("a", calls, wait=True), Stage("b", calls)], tflow.tflow(),
+             HttpRequestHook, last=[Last(calls)])
+    assert calls == [("a", "request", False), ("last", "request", False)]
+    assert "late failure" in caplog.text
+
+
+def test_last_stages_take_part_in_lifecycle_hooks_and_must_be_plain():
+    calls: list = []
+    p = Pipeline([Stage("a", calls)], last=[Last(calls)])
+    assert p.done() is None and calls == [("a", "done"), ("last", "done")]
+    assert "Last" in repr(p)
+
+    class Async:
+        async def request(self, flow):
+            pass
+
+    with pytest.raises(TypeError, match="plain function"):
+        Pipeline([], last=[Async()])
 
 
 def test_lifecycle_hooks_reach_every_stage_also_where_mitmproxy_does_not_await():

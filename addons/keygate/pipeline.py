@@ -17,8 +17,9 @@ would call them as separate addons:
   awaitables returned are awaited afterwards, in order, when the caller awaits.
 
 An exception in a stage ends that event for the stages after it, and mitmproxy logs it, as
-it does for a script's addons. The stages stay what they are: one class per concern,
-testable alone.
+it does for a script's addons; only the `last` stages still run (gateway.py's is the
+fail-closed check, keygate/failclosed.py). The stages stay what they are: one class per
+concern, testable alone.
 """
 
 from __future__ import annotations
@@ -36,27 +37,42 @@ LIFECYCLE = frozenset({"load", "configure", "running", "done"})
 DEPRECATED = frozenset({"add_log"})
 
 
-def _in_order(calls: list[Callable]) -> Callable:
-    """One hook: the calls in order, an awaitable finished before the next call."""
-    if len(calls) == 1:
+def _in_order(calls: list[Callable], last: list[Callable]) -> Callable:
+    """One hook: the calls in order, an awaitable finished before the next call; then the
+    `last` calls (plain functions), whatever happened before them."""
+    if len(calls) == 1 and not last:
         return calls[0]
 
     def hook(*args):
-        for i, call in enumerate(calls):
-            res = call(*args)
-            if res is not None and inspect.isawaitable(res):
-                return _finish(res, calls[i + 1:], args)
+        try:
+            for i, call in enumerate(calls):
+                res = call(*args)
+                if res is not None and inspect.isawaitable(res):
+                    return _finish(res, calls[i + 1:], last, args)
+        except BaseException:
+            _run(last, args)
+            raise
+        _run(last, args)
         return None
 
     return hook
 
 
-async def _finish(pending: Awaitable, calls: list[Callable], args: tuple) -> None:
-    await pending
-    for call in calls:
-        res = call(*args)
-        if res is not None and inspect.isawaitable(res):
-            await res
+async def _finish(pending: Awaitable, calls: list[Callable], last: list[Callable],
+                  args: tuple) -> None:
+    try:
+        await pending
+        for call in calls:
+            res = call(*args)
+            if res is not None and inspect.isawaitable(res):
+                await res
+    finally:
+        _run(last, args)
+
+
+def _run(last: list[Callable], args: tuple) -> None:
+    for call in last:
+        call(*args)
 
 
 def _each(calls: list[Callable]) -> Callable:
@@ -76,20 +92,32 @@ async def _all(pending: list[Awaitable]) -> None:
 
 
 class Pipeline:
-    """keygate's addons (the stages) as one mitmproxy addon; see the module docstring."""
+    """keygate's addons (the stages) as one mitmproxy addon; see the module docstring.
+
+    `last`: stages whose flow and connection hooks run after all the others' also when
+    one of those raised (the exception then goes on to mitmproxy), as a `finally` would;
+    their lifecycle hooks run last like any stage's. Their hooks must be plain functions.
+    """
 
     name = "keygate"
 
-    def __init__(self, stages: list) -> None:
+    def __init__(self, stages: list, last: list = ()) -> None:
         self.stages = list(stages)
+        self.last = list(last)
         for hook in hooks.all_hooks:
             calls = [getattr(s, hook) for s in self.stages if callable(getattr(s, hook, None))]
-            if calls:
+            finals = [getattr(s, hook) for s in self.last if callable(getattr(s, hook, None))]
+            if any(inspect.iscoroutinefunction(f) for f in finals):
+                raise TypeError(f"a last stage's {hook} must be a plain function")
+            if hook in LIFECYCLE and (calls or finals):
+                setattr(self, hook, _each(calls + finals))
+            elif calls or finals:
                 # Instance attributes: mitmproxy's getattr finds them at once.
-                setattr(self, hook, _each(calls) if hook in LIFECYCLE else _in_order(calls))
+                setattr(self, hook, _in_order(calls, finals))
 
     def __repr__(self) -> str:
-        return f"Pipeline({', '.join(type(s).__name__ for s in self.stages)})"
+        names = [type(s).__name__ for s in self.stages + self.last]
+        return f"Pipeline({', '.join(names)})"
 
 
 def absent_hooks(namespace: dict) -> dict[str, None]:
