@@ -69,20 +69,9 @@ def ensure_valgrind(allow_install: bool) -> tuple[str, str] | None:
         vg, ctl = shutil.which("valgrind"), shutil.which("callgrind_control")
         return (vg, ctl) if vg and ctl else None
 
-    if found() or not allow_install or os.geteuid() != 0 or not shutil.which("apt-get"):
-        return found()
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for step in (["apt-get", "install", "-y", "-q", "valgrind"], ["apt-get", "update", "-q"],
-                 ["apt-get", "install", "-y", "-q", "valgrind"]):
-        run.say(f"installing valgrind: {' '.join(step)}")
-        try:
-            subprocess.run(step, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           stdin=subprocess.DEVNULL, timeout=300, env=env)
-        except (subprocess.TimeoutExpired, OSError) as e:
-            run.say(f"  failed: {e}")
-        if found():
-            return found()
-    return None
+    if found() is None and allow_install:
+        run.apt_install("valgrind", found)
+    return found()
 
 
 class Driver:

@@ -59,6 +59,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -682,36 +683,42 @@ def check_chat(url: str, auth: dict, p: Proc | None = None) -> None:
 # --------------------------------------------------------------------------- load
 
 
-def ensure_wrk(allow_install: bool) -> str | None:
-    """wrk's path; installs Debian's package when missing and we may (root, apt-get)."""
-    found = shutil.which("wrk")
-    if found or not allow_install:
-        return found
+def apt_install(package: str, present: Callable[[], object]) -> bool:
+    """Install Debian's `package` with apt-get (as root; an index update if the first try
+    fails) until `present()` says it is there. False where that cannot be done here."""
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        say("wrk is not installed and cannot be installed here; using the Python client")
-        return None
+        return False
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for step in (
-        ["apt-get", "install", "-y", "-q", "wrk"],
+        ["apt-get", "install", "-y", "-q", package],
         ["apt-get", "update", "-q"],
-        ["apt-get", "install", "-y", "-q", "wrk"],
+        ["apt-get", "install", "-y", "-q", package],
     ):
-        say(f"installing wrk: {' '.join(step)}")
+        say(f"installing {package}: {' '.join(step)}")
         try:
-            r = subprocess.run(
+            subprocess.run(
                 step,
                 stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-                timeout=180,
+                stderr=subprocess.DEVNULL,
+                timeout=300,
                 env=env,
                 stdin=subprocess.DEVNULL,
             )
         except (subprocess.TimeoutExpired, OSError) as e:
             say(f"  failed: {e}")
             continue
-        if step[1] == "install" and r.returncode == 0 and shutil.which("wrk"):
-            return shutil.which("wrk")
+        if step[1] == "install" and present():
+            return True
+    return False
+
+
+def ensure_wrk(allow_install: bool) -> str | None:
+    """wrk's path; installs Debian's package when missing and we may (root, apt-get)."""
+    found = shutil.which("wrk")
+    if found or not allow_install:
+        return found
+    if apt_install("wrk", lambda: shutil.which("wrk")):
+        return shutil.which("wrk")
     say("could not install wrk; using the Python client (bench/load.py)")
     return None
 

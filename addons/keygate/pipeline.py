@@ -131,4 +131,3 @@ def absent_hooks(namespace: dict) -> dict[str, None]:
     instructions mitmdump runs for a small request (callgrind). gateway.py binds these.
     """
     return {h: None for h in hooks.all_hooks if h not in namespace and h not in DEPRECATED}
-
