@@ -418,6 +418,14 @@ def make_keys(count: int) -> KeySet:
     return KeySet(count, main, "".join(parts), head + main_entry, names, plain, main_sha256)
 
 
+def bench_keys(count: int) -> tuple[KeySet, dict]:
+    """`count` keys, and the request header of the main one, which bench/minauth.py is
+    also set up to accept (by its digest: no secret in the environment)."""
+    keys = make_keys(count)
+    os.environ["MINAUTH_KEY_SHA256"] = keys.main_sha256
+    return keys, {"Authorization": f"Bearer {keys.main_secret}"}
+
+
 def gateway_toml(upstream: str) -> str:
     return f"""# keygate bench: three channels on one fake upstream
 [gateway]
@@ -910,10 +918,7 @@ class Bench:
         self.lab = Lab(procs, tmp)
         self.load = loader
         say(f"generating {profile.keys} keys")
-        self.keys = make_keys(profile.keys)
-        self.auth = {"Authorization": f"Bearer {self.keys.main_secret}"}
-        # bench/minauth.py accepts the main key (by its digest: no secret in the environment)
-        os.environ["MINAUTH_KEY_SHA256"] = self.keys.main_sha256
+        self.keys, self.auth = bench_keys(profile.keys)
         self.results: dict = {}
         self.notes: list[str] = []
         self._n = 0
