@@ -14,6 +14,8 @@ from collections import deque
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "addons"))
 
@@ -24,9 +26,10 @@ from keygate.usagelog import (  # noqa: E402
     UsageWriter,
     encode,
     log_files,
+    parse_line,
     read_records,
     rotated_name,
-    scan_text,
+    scan_lines,
 )
 
 
@@ -60,31 +63,80 @@ def wait_for(cond, timeout: float = 10.0) -> None:
 # --------------------------------------------------------------------------- format
 
 
+def stdlib_line(record: dict) -> bytes:
+    return (json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+
+
 def test_encode_is_one_compact_line():
     r = {"a": "é ü 日本", "b": None, "c": [1, 2], "nl": "x\ny"}
     line = encode(r)
-    assert line == (json.dumps(r, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+    assert line == stdlib_line(r)
     assert line.count(b"\n") == 1
 
 
+@given(st.dictionaries(st.text(), st.recursive(
+    st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1)
+    # (Python writes 1e-07 where orjson writes 1e-7: the same number, other bytes.)
+    | st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: "e" not in repr(x))
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8), max_size=6))
+def test_encode_writes_what_the_json_module_writes(record):
+    assert encode(record) == stdlib_line(record)
+
+
+def test_encode_exponents_read_back_the_same():
+    r = {"a": 1e-07, "b": 1.5e300, "c": 1e16}
+    assert json.loads(encode(r)) == r
+
+
 def test_encode_never_fails_on_odd_values():
-    line = encode({"p": Path("/x"), "s": "bad \udc80 surrogate"})
-    assert json.loads(line) == {"p": "/x", "s": "bad \udc80 surrogate"}
+    line = encode({"p": Path("/x"), "s": "bad \udc80 surrogate", "big": 1 << 70})
+    assert json.loads(line) == {"p": "/x", "s": "bad \udc80 surrogate", "big": 1 << 70}
+    assert line.endswith(b"}\n") and line.count(b"\n") == 1
 
 
 @pytest.mark.parametrize("text, good, bad", [
-    ('{"a":1}\n{"a":2}\n', 2, 0),
-    ('{"a":1}\n\n  \n{"a":2}\n', 2, 0),  # blank lines are not garbage
-    ('{"a":1}\n{"a":\n2}\n', 1, 2),  # a value spread over lines is two bad lines
-    ('  {"a":1} \r\n', 1, 0),  # surrounding whitespace, as json.loads allows
-    ('[1]\n5\nnull\n"x"\n', 0, 4),  # JSON, but not objects
-    ('{"a":1}{"a":2}\n{"a":1},{"a":2}\n', 0, 2),
-    ('{"a":1}\n{"ts":"2026-11-26T22:4\n', 1, 1),  # torn
+    (b'{"a":1}\n{"a":2}\n', 2, 0),
+    (b'{"a":1}\n\n  \n{"a":2}\n', 2, 0),  # blank lines are not garbage
+    (b'{"a":1}\n{"a":\n2}\n', 1, 2),  # a value spread over lines is two bad lines
+    (b'  {"a":1} \r\n', 1, 0),  # surrounding whitespace, as json.loads allows
+    (b'[1]\n5\nnull\n"x"\n', 0, 4),  # JSON, but not objects
+    (b'{"a":1}{"a":2}\n{"a":1},{"a":2}\n', 0, 2),
+    (b'{"a":1}\n{"ts":"2026-11-26T22:4\n', 1, 1),  # torn
+    (b'{"a":NaN}\n{"a":1e400}\n{"a":"\\ud800"}\n', 3, 0),  # the json module reads these
+    (b'\xef\xbb\xbf{"a":1}\n{"a":"\xff"}\n\x0c{"a":1}\n', 0, 3),  # BOM, bad UTF-8, form feed
+    (b"[" * 100_000 + b"\n" + b'{"a":' * 5000 + b"1" + b"}" * 5000 + b"\n", 0, 2),  # too deep
 ])
-def test_scan_text_agrees_with_json_loads(text, good, bad):
+def test_scan_lines_agrees_with_json_loads(text, good, bad):
     got: list[dict] = []
-    assert scan_text(text, got.append) == bad
+    assert scan_lines(text, got.append) == bad
     assert len(got) == good
+
+
+def test_scan_lines_keeps_integers_beyond_64_bits():
+    data = b"".join(b'{"id":"r%d","total_tokens":%d}\n' % (i, v)
+                    for i, v in enumerate([1 << 70, -(1 << 63) - 1, 7, (1 << 64) - 1, 10**30]))
+    got: list[dict] = []
+    assert scan_lines(data, got.append) == 0
+    assert [r["total_tokens"] for r in got] == [1 << 70, -(1 << 63) - 1, 7, (1 << 64) - 1, 10**30]
+    assert all(type(r["total_tokens"]) is int for r in got)
+
+
+_json_bits = st.sampled_from([b"{", b"}", b"[", b"]", b'"', b":", b",", b" ", b"\\", b"\\u",
+                              b"d800", b"dc00", b"0", b"-", b"1", b"e", b".", b"9" * 19, b"NaN",
+                              b"true", b"null", b'"k"', b"\xc3\xa9", b"\xff", b"\r", b"\t"])
+
+
+@given(st.lists(st.lists(_json_bits, max_size=12).map(b"".join) | st.just(b'{"a":1}'),
+                max_size=12))
+def test_scan_lines_is_parse_line_on_every_line(lines):
+    data = b"".join(line + b"\n" for line in lines)
+    got: list[dict] = []
+    bad = scan_lines(data, got.append)
+    want = [parse_line(line) for line in lines]
+    assert repr(got) == repr([r for r in want if r is not None])  # (NaN != NaN)
+    assert bad == sum(1 for line, r in zip(lines, want) if r is None and line.strip())
 
 
 def test_read_records_includes_unterminated_last_line_only_if_whole(tmp_path):
