@@ -24,11 +24,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from mitmproxy import hooks, http
+from mitmproxy import http
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "addons"))
 
-from keygate.pipeline import LIFECYCLE, Pipeline  # noqa: E402
+from keygate.pipeline import LIFECYCLE, Pipeline, implemented  # noqa: E402
 
 gateway = importlib.import_module("gateway")
 
@@ -53,9 +53,8 @@ class Timed:
 
     def __init__(self, stage, clock: Clock) -> None:
         self._stage = stage
-        for hook in hooks.all_hooks:
-            fn = getattr(stage, hook, None)
-            if hook not in LIFECYCLE and callable(fn):
+        for hook, fn in implemented(stage).items():
+            if hook not in LIFECYCLE:
                 setattr(self, hook, self._timer(f"{type(stage).__name__}.{hook}", fn, clock))
 
     @staticmethod

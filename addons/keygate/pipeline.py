@@ -91,6 +91,12 @@ async def _all(pending: list[Awaitable]) -> None:
         await res
 
 
+def implemented(stage: object) -> dict[str, Callable]:
+    """The hooks `stage` implements: {hook name: its method}, in mitmproxy's hook order."""
+    return {hook: fn for hook in hooks.all_hooks
+            if callable(fn := getattr(stage, hook, None))}
+
+
 class Pipeline:
     """keygate's addons (the stages) as one mitmproxy addon; see the module docstring.
 
@@ -104,9 +110,11 @@ class Pipeline:
     def __init__(self, stages: list, last: list = ()) -> None:
         self.stages = list(stages)
         self.last = list(last)
+        stages = [implemented(s) for s in self.stages]
+        lasts = [implemented(s) for s in self.last]
         for hook in hooks.all_hooks:
-            calls = [getattr(s, hook) for s in self.stages if callable(getattr(s, hook, None))]
-            finals = [getattr(s, hook) for s in self.last if callable(getattr(s, hook, None))]
+            calls = [s[hook] for s in stages if hook in s]
+            finals = [s[hook] for s in lasts if hook in s]
             if any(inspect.iscoroutinefunction(f) for f in finals):
                 raise TypeError(f"a last stage's {hook} must be a plain function")
             if hook in LIFECYCLE and (calls or finals):
