@@ -110,11 +110,11 @@ class Pipeline:
     def __init__(self, stages: list, last: list = ()) -> None:
         self.stages = list(stages)
         self.last = list(last)
-        stages = [implemented(s) for s in self.stages]
-        lasts = [implemented(s) for s in self.last]
+        stage_hooks = [implemented(s) for s in self.stages]
+        last_hooks = [implemented(s) for s in self.last]
         for hook in hooks.all_hooks:
-            calls = [s[hook] for s in stages if hook in s]
-            finals = [s[hook] for s in lasts if hook in s]
+            calls = [h[hook] for h in stage_hooks if hook in h]
+            finals = [h[hook] for h in last_hooks if hook in h]
             if any(inspect.iscoroutinefunction(f) for f in finals):
                 raise TypeError(f"a last stage's {hook} must be a plain function")
             if hook in LIFECYCLE and (calls or finals):

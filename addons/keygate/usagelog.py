@@ -73,7 +73,7 @@ def log_files(path: Path, keep: int | None = None) -> list[Path]:
 # --------------------------------------------------------------------------- serialising
 #
 # orjson writes and reads these lines faster than the json module: a record in ~1 us
-# instead of ~12 on a 2-core machine, a big log read back in ~60 % of the time. It writes
+# instead of ~12 on a 2-core machine, a big log read back in ~55 % of the time. It writes
 # the bytes json.dumps(separators=(",", ":"), ensure_ascii=False) does, but for floats with
 # an exponent (1e-7, not 1e-07: the same number) and NaN (null, where json writes invalid
 # JSON). Where the two read a line differently the json module decides, so a line means
