@@ -1855,9 +1855,7 @@ def main(argv: list[str] | None = None) -> int:
                 "expect noisy numbers (ratios within a round are the robust part)"
             )
         print(report(results), flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-            say(f"results written to {args.json}")
+        write_json(args.json, results)
     except BenchError as e:
         say(f"error: {e}")
         rc = 1
@@ -1874,6 +1872,12 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
+def write_json(path: str | None, results: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(results, indent=2) + "\n")
+        say(f"results written to {path}")
+
+
 def _instructions(procs: Procs, tmp: Path, json_file: str | None) -> int:
     import instructions  # bench/instructions.py, beside this file
 
@@ -1881,17 +1885,16 @@ def _instructions(procs: Procs, tmp: Path, json_file: str | None) -> int:
     if tools is None:
         raise BenchError("--instructions needs valgrind (Debian: apt-get install valgrind)")
     say(f"instruction counts under callgrind, work folder {tmp}")
-    try:
-        results = instructions.measure(procs, tmp, tools)
-    except instructions.run.BenchError as e:  # this file again, imported there as `run`
-        raise BenchError(str(e)) from None
+    results = instructions.measure(procs, tmp, tools)
     signal.alarm(0)
     print(instructions.report(results), flush=True)
-    if json_file:
-        Path(json_file).write_text(json.dumps(results, indent=2) + "\n")
-        say(f"results written to {json_file}")
+    write_json(json_file, results)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as the module `run`, the one bench/instructions.py imports: one BenchError, one
+    # Procs, not a second copy of this file under the name __main__.
+    import run
+
+    sys.exit(run.main())

@@ -115,13 +115,13 @@ class Pipeline:
         for hook in hooks.all_hooks:
             calls = [h[hook] for h in stage_hooks if hook in h]
             finals = [h[hook] for h in last_hooks if hook in h]
+            if not (calls or finals):
+                continue
             if any(inspect.iscoroutinefunction(f) for f in finals):
                 raise TypeError(f"a last stage's {hook} must be a plain function")
-            if hook in LIFECYCLE and (calls or finals):
-                setattr(self, hook, _each(calls + finals))
-            elif calls or finals:
-                # Instance attributes: mitmproxy's getattr finds them at once.
-                setattr(self, hook, _in_order(calls, finals))
+            # Instance attributes: mitmproxy's getattr finds them at once.
+            setattr(self, hook, _each(calls + finals) if hook in LIFECYCLE
+                    else _in_order(calls, finals))
 
     def __repr__(self) -> str:
         names = [type(s).__name__ for s in self.stages + self.last]
