@@ -1,0 +1,144 @@
+"""scripts/serve, the README's front door, run as a new user runs it: a copy of the checkout
+with no config, `--demo`, a real client, then SIGTERM to what it started."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from conftest import ROOT, eventually
+
+START_TIMEOUT = 120.0  # the first run may install keygate's dependencies into the venv
+
+
+def checkout_copy(dest: Path) -> Path:
+    for d in ("scripts", "addons", "demo"):
+        shutil.copytree(ROOT / d, dest / d, ignore=shutil.ignore_patterns("__pycache__"))
+    (dest / "config").mkdir()
+    for f in ("gateway.example.toml", "keys.example.yaml"):
+        shutil.copy(ROOT / "config" / f, dest / "config" / f)
+    shutil.copy(ROOT / "pyproject.toml", dest / "pyproject.toml")
+    return dest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Lines:
+    """A pipe's lines as they arrive, read by a thread."""
+
+    def __init__(self, pipe) -> None:
+        self.seen: list[str] = []
+        self._q: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, args=(pipe,), daemon=True).start()
+
+    def _read(self, pipe) -> None:
+        for line in pipe:
+            self._q.put(line)
+        self._q.put(None)
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        for line in self.seen:
+            if m := re.search(pattern, line):
+                return m
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._q.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.seen.append(line)
+            if m := re.search(pattern, line):
+                return m
+        raise AssertionError(f"no line matching {pattern!r}; got:\n{''.join(self.seen)}")
+
+    def rest(self, timeout: float) -> str:
+        """Everything the pipe gave, once it has closed."""
+        deadline = time.monotonic() + timeout
+        while (line := self._q.get(timeout=max(0.0, deadline - time.monotonic()))) is not None:
+            self.seen.append(line)
+        return "".join(self.seen)
+
+
+@pytest.fixture
+def serve(tmp_path):
+    root = checkout_copy(tmp_path / "keygate")
+    port = free_port()
+    # As under systemd or docker: stdout is a pipe, and nothing in the environment asks
+    # Python not to buffer it.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONUNBUFFERED", "KEYGATE_CONFIG")}
+    env["KEYGATE_VENV"] = sys.prefix
+    proc = subprocess.Popen(
+        [str(root / "scripts" / "serve"), "--demo", "--listen", f"127.0.0.1:{port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=root,
+        start_new_session=True,
+    )
+    try:
+        yield root, port, proc, Lines(proc.stdout), Lines(proc.stderr)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_serve_demo_first_run(serve):
+    root, port, proc, out, err = serve
+    key = err.wait_for(r"^\s+(sk-\S+)\s*$", START_TIMEOUT)[1]
+    assert (root / "config" / "gateway.toml").exists()
+    assert (root / "config" / "keys.yaml").stat().st_mode & 0o077 == 0
+
+    # keygate's own start-up lines reach the pipe before any request has been made:
+    # mitmdump's output is not held back in a buffer.
+    out.wait_for(r"keygate: config .*keys\.yaml \(1 keys\)", 30)
+    out.wait_for(r"keygate: usage counters rebuilt", 30)
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, timeout=20,
+                           max_retries=0)
+    reply = client.chat.completions.create(
+        model="llama3.2", messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].message.content.startswith("Hello from the fake model")
+    assert reply.usage.prompt_tokens > 0 and reply.usage.completion_tokens > 0
+    assert "llama3.2:latest" in {m.id for m in client.models.list()}
+    with pytest.raises(openai.AuthenticationError) as refused:
+        openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-wrong",
+                      max_retries=0, timeout=20).models.list()
+    assert refused.value.status_code == 401
+
+    log = root / "logs" / "usage.jsonl"
+    assert eventually(lambda: log.exists() and len(log.read_text().splitlines()) >= 3, 10)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["key"], r["status"]) for r in records] == [
+        ("first-key", 200), ("first-key", 200), (None, 401)]
+
+    # SIGTERM to the group, as systemd and a terminal's Ctrl-C reach it: everything the
+    # script started ends with it.
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(30)
+    assert eventually(lambda: not group_alive(proc.pid), 10)
+    assert key not in out.rest(10) and key not in log.read_text()
