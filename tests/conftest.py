@@ -95,6 +95,50 @@ def keys_yaml(keys: dict[str, KeySpec]) -> str:
                                           sort_keys=False)
 
 
+class Output:
+    """What a process writes to one pipe, line by line, read by a thread as it comes
+    (appended to `lines`, which may be a list kept across restarts)."""
+
+    def __init__(self, name: str, proc: subprocess.Popen, pipe,
+                 lines: list[str] | None = None) -> None:
+        self.name = name
+        self.proc = proc
+        self.lines = lines if lines is not None else []
+        self._reader = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self._reader.start()
+
+    def _read(self, pipe) -> None:
+        for line in pipe:
+            self.lines.append(line)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = START_TIMEOUT, after: int = 0) -> str:
+        """The first line from index `after` on that matches `pattern`."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.lines[after:]:
+                if rx.search(line):
+                    return line
+            if self.proc.poll() is not None and not any(rx.search(x) for x in self.lines[after:]):
+                time.sleep(0.2)  # let the reader thread drain
+                if not any(rx.search(x) for x in self.lines[after:]):
+                    raise AssertionError(
+                        f"{self.name} exited ({self.proc.returncode}) before {pattern!r}:\n"
+                        + self.text)
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {pattern!r}:\n{self.text}")
+
+    def all(self, timeout: float = 10.0) -> str:
+        """Everything, once the pipe has closed (whatever held it open has exited)."""
+        self._reader.join(timeout)
+        assert not self._reader.is_alive(), f"{self.name}'s output is still open"
+        return self.text
+
+
 class Gateway:
     """A real `mitmdump -s addons/gateway.py` in front of an upstream."""
 
@@ -139,7 +183,7 @@ class Gateway:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=self.cwd,
             env={**os.environ, **(self.env or {})},
         )
-        threading.Thread(target=self._read, daemon=True).start()
+        self.out = Output("mitmdump", self.proc, self.proc.stdout, self.lines)
         if wait:
             self.wait_for(r"listening at .*:(\d+)")
             self.port = int(re.search(r"listening at .*:(\d+)", self.output).group(1))
@@ -153,29 +197,12 @@ class Gateway:
             return []
         return ["--set", "flow_detail=0"]
 
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
     @property
     def output(self) -> str:
         return "".join(self.lines)
 
     def wait_for(self, pattern: str, timeout: float = START_TIMEOUT, after: int = 0) -> str:
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.lines[after:]:
-                if rx.search(line):
-                    return line
-            if self.proc.poll() is not None and not any(rx.search(x) for x in self.lines[after:]):
-                time.sleep(0.2)  # let the reader thread drain
-                if not any(rx.search(x) for x in self.lines[after:]):
-                    raise AssertionError(
-                        f"mitmdump exited ({self.proc.returncode}) before {pattern!r}:\n"
-                        + self.output)
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {pattern!r}:\n{self.output}")
+        return self.out.wait_for(pattern, timeout, after)
 
     def usage(self) -> list[dict]:
         if not self.usage_log.exists():

@@ -5,21 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import openai
 import pytest
 
-from conftest import ROOT, eventually
+from conftest import ROOT, Output, eventually
 
 START_TIMEOUT = 120.0  # the first run may install keygate's dependencies into the venv
 
@@ -40,44 +36,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Lines:
-    """A pipe's lines as they arrive, read by a thread."""
-
-    def __init__(self, pipe) -> None:
-        self.seen: list[str] = []
-        self._q: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, args=(pipe,), daemon=True).start()
-
-    def _read(self, pipe) -> None:
-        for line in pipe:
-            self._q.put(line)
-        self._q.put(None)
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match:
-        deadline = time.monotonic() + timeout
-        for line in self.seen:
-            if m := re.search(pattern, line):
-                return m
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self._q.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            self.seen.append(line)
-            if m := re.search(pattern, line):
-                return m
-        raise AssertionError(f"no line matching {pattern!r}; got:\n{''.join(self.seen)}")
-
-    def rest(self, timeout: float) -> str:
-        """Everything the pipe gave, once it has closed."""
-        deadline = time.monotonic() + timeout
-        while (line := self._q.get(timeout=max(0.0, deadline - time.monotonic()))) is not None:
-            self.seen.append(line)
-        return "".join(self.seen)
-
-
 @pytest.fixture
 def serve(tmp_path):
     root = checkout_copy(tmp_path / "keygate")
@@ -92,7 +50,8 @@ def serve(tmp_path):
         start_new_session=True,
     )
     try:
-        yield root, port, proc, Lines(proc.stdout), Lines(proc.stderr)
+        yield (root, port, proc, Output("scripts/serve", proc, proc.stdout),
+               Output("scripts/serve", proc, proc.stderr))
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -109,7 +68,7 @@ def group_alive(pgid: int) -> bool:
 
 def test_serve_demo_first_run(serve):
     root, port, proc, out, err = serve
-    key = err.wait_for(r"^\s+(sk-\S+)\s*$", START_TIMEOUT)[1]
+    key = err.wait_for(r"^\s+sk-\S+\s*$", START_TIMEOUT).strip()
     assert (root / "config" / "gateway.toml").exists()
     assert (root / "config" / "keys.yaml").stat().st_mode & 0o077 == 0
 
@@ -141,4 +100,4 @@ def test_serve_demo_first_run(serve):
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(30)
     assert eventually(lambda: not group_alive(proc.pid), 10)
-    assert key not in out.rest(10) and key not in log.read_text()
+    assert key not in out.all() and key not in log.read_text()
