@@ -11,6 +11,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -299,8 +300,23 @@ def eventually(check, timeout: float = 5.0, interval: float = 0.05):
         time.sleep(interval)
 
 
-def copy_checkout(dest: Path) -> Path:
-    """A copy of addons/ for tests that edit gateway.py under a running mitmdump."""
-    shutil.copytree(ROOT / "addons", dest / "addons",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+def copy_checkout(dest: Path, serve: bool = False) -> Path:
+    """A copy of addons/ for tests that edit gateway.py under a running mitmdump; with
+    `serve`, also what scripts/serve runs from (scripts/, demo/, the config examples,
+    pyproject.toml), and no config of its own. Returns the copy's gateway.py."""
+    dirs = ("addons", "scripts", "demo") if serve else ("addons",)
+    for d in dirs:
+        shutil.copytree(ROOT / d, dest / d, ignore=shutil.ignore_patterns("__pycache__"))
+    if serve:
+        (dest / "config").mkdir()
+        for f in ("gateway.example.toml", "keys.example.yaml"):
+            shutil.copy(ROOT / "config" / f, dest / "config" / f)
+        shutil.copy(ROOT / "pyproject.toml", dest / "pyproject.toml")
     return dest / "addons" / "gateway.py"
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

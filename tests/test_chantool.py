@@ -4,7 +4,6 @@ are validated like the gateway reads them, and `test` reports status and latency
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import threading
 import tomllib
@@ -12,6 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "addons") not in sys.path:
@@ -296,9 +297,7 @@ def test_test_does_not_follow_redirects(tmp_path, capsys):
 
 
 def test_test_connection_refused(tmp_path, capsys):
-    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     cfg = channel_cfg(tmp_path, f'name = "down"\nkind = "ollama"\nbase_url = "http://127.0.0.1:{port}"\n'
                                 'models = ["llama3.2:1b"]\n')
     assert run(cfg, "test", "down", "--timeout", "5") == 1

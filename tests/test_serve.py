@@ -5,40 +5,21 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import openai
 import pytest
 
-from conftest import ROOT, Output, eventually
+from conftest import Output, copy_checkout, eventually, free_port
 
 START_TIMEOUT = 120.0  # the first run may install keygate's dependencies into the venv
 
 
-def checkout_copy(dest: Path) -> Path:
-    for d in ("scripts", "addons", "demo"):
-        shutil.copytree(ROOT / d, dest / d, ignore=shutil.ignore_patterns("__pycache__"))
-    (dest / "config").mkdir()
-    for f in ("gateway.example.toml", "keys.example.yaml"):
-        shutil.copy(ROOT / "config" / f, dest / "config" / f)
-    shutil.copy(ROOT / "pyproject.toml", dest / "pyproject.toml")
-    return dest
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def serve(tmp_path):
-    root = checkout_copy(tmp_path / "keygate")
+    root = copy_checkout(tmp_path / "keygate", serve=True).parents[1]
     port = free_port()
     # As under systemd or docker: stdout is a pipe, and nothing in the environment asks
     # Python not to buffer it.
