@@ -167,7 +167,8 @@ def test_list_without_channels(tmp_path, capsys):
 class Upstream:
     """A tiny Ollama / OpenAI look-alike on 127.0.0.1 that records what it was sent."""
 
-    def __init__(self, chat_status: int = 200):
+    def __init__(self, chat_status: int = 200,
+                 tags: tuple[str, ...] = ("llama3.2:1b", "qwen2.5:7b", "nomic-embed")):
         self.requests: list[tuple[str, str, dict, dict | None]] = []
         upstream = self
 
@@ -186,8 +187,7 @@ class Upstream:
             def do_GET(self):
                 upstream.requests.append(("GET", self.path, dict(self.headers), None))
                 if self.path == "/api/tags":
-                    self._reply(200, {"models": [{"name": n, "model": n} for n in
-                                                 ("llama3.2:1b", "qwen2.5:7b", "nomic-embed")]})
+                    self._reply(200, {"models": [{"name": n, "model": n} for n in tags]})
                 elif self.path == "/v1/models":
                     self._reply(200, {"object": "list",
                                       "data": [{"id": "other"}, {"id": "deepseek-chat"}]})
@@ -283,6 +283,35 @@ def test_test_reports_an_upstream_error(tmp_path, capsys):
     assert "/api/tags -> 200 OK" in out
     assert "(model llama3.2:1b) -> 500 Internal Server Error" in out and "is broken" in out
     assert out.splitlines()[-1] == "FAILED: channel local"
+
+
+def test_test_shows_the_upstreams_names_escaped_and_cut(tmp_path, capsys):
+    names = ("\x1b]0;pwned\x07", "x\nok: channel local", "\u202ey\x9b2J", "m" * 100_000)
+    with Upstream(chat_status=500, tags=names) as upstream:
+        cfg = channel_cfg(tmp_path, f'name = "local"\nkind = "ollama"\n'
+                                    f'base_url = "{upstream.url}"\nmodels = ["*"]\n')
+        assert run(cfg, "test", "local") == 1
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert len(lines) == 4 and all(line.isprintable() for line in lines)
+    assert "4 models: \\x1b]0;pwned\\x07, x\\nok: channel local, \\u202ey\\x9b2J, mmm" in lines[1]
+    assert "m…(+" in lines[1] and len(out) < 2_000
+    assert "(model \\x1b]0;pwned\\x07) -> 500" in lines[2]
+    assert lines[-1] == "FAILED: channel local"
+
+
+def test_test_escapes_an_error_body(monkeypatch, tmp_path, capsys):
+    def fetch(url, body, token, timeout):
+        page = b"<h1>\x1b]0;pwned\x07\xc2\x9b2J</h1>"  # raw ESC, BEL and C1 CSI
+        return chantool.Result(False, "502 Bad Gateway", 1.0, page)
+
+    monkeypatch.setattr(chantool, "fetch", fetch)
+    cfg = channel_cfg(tmp_path, 'name = "x"\nkind = "ollama"\nbase_url = "http://127.0.0.1:9"\n'
+                                'models = ["llama3.2:1b"]\n')
+    assert run(cfg, "test", "x") == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and all(line.isprintable() for line in lines)
+    assert lines[1].endswith("-> 502 Bad Gateway in 1.0 ms; <h1>\\x1b]0;pwned\\x07\\x9b2J</h1>")
 
 
 def test_test_does_not_follow_redirects(tmp_path, capsys):

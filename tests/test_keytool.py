@@ -421,6 +421,29 @@ def test_list_works_without_the_ledger(gateway, capsys, monkeypatch):
     assert "alice" in capsys.readouterr().out
 
 
+def test_list_shows_odd_values_escaped_and_cut(gateway, keys_file, capsys):
+    """A hand-edited file may hold anything YAML can spell; the table shows it as text."""
+    keys_file.write_text(
+        f'keys:\n  alice:\n    key_sha256: "{DIGEST_A}"\n'
+        f'    models: ["\\e]0;pwned\\a", "x\\nTOTAL", "\\u202ey", "{"m" * 1000}"]\n'
+        f'  {"k" * 128}:\n    key_sha256: "{DIGEST_B}"\n')
+    assert run(gateway, "list") == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert len(lines) == 3 and all(line.isprintable() for line in lines)
+    assert "\\x1b]0;pwned\\x07,x\\nTOTAL,\\u202ey,mmm" in lines[1]
+    assert re.search(r"m…\(\+\d+\)", lines[1])  # cut, marked
+    assert lines[2].startswith("k" * 128 + "  ")  # a key name is never cut
+    assert max(len(line) for line in lines) < 1000
+    assert lines[0].index("ENABLED") == lines[1].index("yes") == lines[2].index("yes")
+
+
+def test_notes_are_one_escaped_line(capsys):
+    keytool.note("keys", "cannot read x\x1b[2J\nforged: line\x07")
+    err = capsys.readouterr().err
+    assert err == "keys: cannot read x\\x1b[2J\\nforged: line\\x07\n"
+
+
 def test_list_without_keys(gateway, capsys):
     assert run(gateway, "list") == 0
     out, err = capsys.readouterr()

@@ -200,6 +200,69 @@ def test_table_thousands_and_no_groups():
     assert len(lines) == 2 and lines[1].split() == ["TOTAL", "1,234,567", "0", "0", "5", "0"]
 
 
+# --------------------------------------------------------------------------- hostile names
+
+# Model names a client chose: they reach the log as sent (or cut there, but the report must
+# not count on it).
+HOSTILE = [
+    "\x1b]0;pwned\x07",
+    "llama\x1b[2J\x1b[H",
+    "x\nTOTAL   999   0   0   0   0",
+    "\r\x00\x9b2J\x7f\t",
+    "\u202egpt-4o\u2066",
+    "bad\udcffname",
+    "m" * 1_000_000,
+]
+RAW_CONTROLS = {*map(chr, range(0x20)), *map(chr, range(0x7f, 0xa0)),
+                *map(chr, range(0x202a, 0x202f)), *map(chr, range(0x2066, 0x206a))} - {"\n"}
+
+
+@pytest.fixture
+def hostile_log(tmp_path) -> Path:
+    p = tmp_path / "usage.jsonl"
+    ts = "2026-11-26T10:00:00.000Z"
+    p.write_bytes(b"".join(encode(rec(ts, model=m)) for m in HOSTILE)
+                  + encode(rec(ts, key="k" * 128, model="llama3.2")))
+    return p
+
+
+@pytest.mark.parametrize("by", ["model", "key,model", "model,channel,day"])
+def test_table_of_hostile_model_names_is_safe_and_bounded(capsys, hostile_log, by):
+    code, out, _ = run(capsys, "--log", str(hostile_log), "--by", by)
+    assert code == 0
+    assert not RAW_CONTROLS & set(out)
+    assert all(line.isprintable() for line in out.splitlines())
+    lines = out.splitlines()
+    assert [line for line in lines if line.startswith("TOTAL")] == [lines[-1]]
+    assert lines[-1].split()[:2] == ["TOTAL", str(len(HOSTILE) + 1)]
+    assert len(lines) == 2 + len(HOSTILE) + 1  # header, one row each, TOTAL
+    assert len(out) < 5_000 and max(len(line) for line in lines) < 300
+    assert len({len(line) for line in lines}) == 1  # aligned: numbers right, one width
+    assert "\\x1b]0;pwned\\x07" in out and "x\\nTOTAL" in out and "\\u202egpt-4o" in out
+    assert "bad\\udcffname" in out
+    assert "m" * 50 + "…(+999950)" in out  # cut, marked with what was left out
+    if "key" in by:
+        assert "k" * 128 + "  " in out  # a key name is never cut
+
+
+def test_table_width_can_be_changed():
+    rows = aggregate([rec("2026-11-26T10:00:00.000Z", model="m" * 100)], ("model",))
+    assert "m" * 14 + "…(+86)" in format_table(rows, ("model",), max_width=20)
+    assert "m" * 100 + "  " in format_table(rows, ("model",), max_width=None)
+
+
+def test_json_and_toml_of_hostile_model_names(capsys, hostile_log):
+    code, out, _ = run(capsys, "--log", str(hostile_log), "--by", "model", "--format", "json")
+    assert code == 0 and not RAW_CONTROLS & set(out)
+    assert {r["model"] for r in json.loads(out)} == {*HOSTILE, "llama3.2"}  # nothing lost
+
+    code, out, _ = run(capsys, "--log", str(hostile_log), "--by", "model", "--format", "toml")
+    assert code == 0 and not RAW_CONTROLS & set(out)
+    models = {r["model"] for r in tomllib.loads(out)["rows"]}
+    assert {*HOSTILE, "llama3.2"} - models == {"bad\udcffname"}
+    assert "bad\\udcffname" in models  # TOML has no lone surrogates: shown as text
+
+
 # --------------------------------------------------------------------------- the command
 
 

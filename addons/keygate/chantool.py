@@ -15,7 +15,8 @@ because the gateway's own environment is what counts.
 
 `test` talks to the upstream directly with urllib (no proxy from the environment, no
 redirects, so the credential never goes anywhere but base_url) and reports status and
-latency of a model listing and of a one-token chat.
+latency of a model listing and of a one-token chat. What the upstream answers (model names,
+an error body) is shown escaped and cut (keygate.tables): it must not act on the terminal.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import tomli_w
 
 from .config import DEFAULT_CONFIG, KINDS, Channel, ConfigError, Settings, parse_settings
 from .keytool import (
+    LIST_WIDTH,
     CommaList,
     UserError,
     config_path,
@@ -46,11 +48,11 @@ from .keytool import (
     note,
     read_text,
     reason,
-    render_table,
     run_cli,
     tool_environ,
     write_atomic,
 )
+from .tables import cell, escape, render_table
 
 PROG = "channels"
 GLOB_CHARS = "*?["
@@ -227,7 +229,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         ]
         for r in rows
     ]
-    print(render_table(table))
+    print(render_table(table, max_width=LIST_WIDTH))
     return 0
 
 
@@ -327,6 +329,11 @@ def _snippet(body: bytes, secret: str | None) -> str:
     return text
 
 
+def say(line: str) -> None:
+    """A line of `test`'s report, escaped: it quotes the upstream's answers."""
+    print(escape(line))
+
+
 def cmd_test(args: argparse.Namespace) -> int:
     path = config_path(args.config)
     settings = load_gateway(path)
@@ -344,8 +351,8 @@ def cmd_test(args: argparse.Namespace) -> int:
     else:
         list_url, chat_url = base + "/models", base + "/chat/completions"
 
-    print(f"channel {ch.name}: {ch.kind} at {ch.base_url}"
-          + (f" (credential from ${ch.api_key_env})" if token else ""))
+    say(f"channel {ch.name}: {ch.kind} at {ch.base_url}"
+        + (f" (credential from ${ch.api_key_env})" if token else ""))
     listing = fetch(list_url, None, token, args.timeout)
     models = listed_models(ch.kind, listing.body) if listing.ok else None
     line = f"GET  {list_url} -> {listing.status} in {listing.ms:.1f} ms"
@@ -353,16 +360,16 @@ def cmd_test(args: argparse.Namespace) -> int:
         listing.ok = False
         line += "; the answer is not a model list"
     elif models is not None:
-        shown = ", ".join(models[:5]) + (", ..." if len(models) > 5 else "")
+        shown = ", ".join(cell(m) for m in models[:5]) + (", ..." if len(models) > 5 else "")
         line += f"; {len(models)} model{'s' if len(models) != 1 else ''}"
         line += f": {shown}" if models else ""
     elif listing.body:
         line += f"; {_snippet(listing.body, token)}"
-    print(line)
+    say(line)
 
     model = args.model or pick_model(ch, models)
     if model is None:
-        print(f"POST {chat_url} -> skipped: no model to try (give one with --model)")
+        say(f"POST {chat_url} -> skipped: no model to try (give one with --model)")
         chat_ok = False
     else:
         messages = [{"role": "user", "content": "hi"}]
@@ -372,13 +379,13 @@ def cmd_test(args: argparse.Namespace) -> int:
         else:
             body = {"model": model, "messages": messages, "max_tokens": 1}
         chat = fetch(chat_url, body, token, args.timeout)
-        line = f"POST {chat_url} (model {model}) -> {chat.status} in {chat.ms:.1f} ms"
+        line = f"POST {chat_url} (model {cell(model)}) -> {chat.status} in {chat.ms:.1f} ms"
         if not chat.ok and chat.body:
             line += f"; {_snippet(chat.body, token)}"
-        print(line)
+        say(line)
         chat_ok = chat.ok
     ok = listing.ok and chat_ok
-    print(f"{'ok' if ok else 'FAILED'}: channel {ch.name}")
+    say(f"{'ok' if ok else 'FAILED'}: channel {ch.name}")
     return 0 if ok else 1
 
 

@@ -41,6 +41,7 @@ import yaml
 
 from .config import DEFAULT_CONFIG, ConfigError, Settings, default_settings, parse_settings
 from .keys import LIMIT_NAMES, NAME_RE, SCOPES, Key, KeyRing, digest, parse_keys, parse_when
+from .tables import escape, render_table
 
 KEY_ALPHABET = string.ascii_letters + string.digits
 KEY_LENGTH = 48
@@ -50,6 +51,9 @@ KEYS_HEADER = (
     "# scripts/keys keeps comments and order.\n"
 )
 PLACEHOLDER = "set-in-the-gateway-environment"
+# A list's cells are cut (marked) beyond this many columns: as wide as the longest key name,
+# so a name is never cut; a longer list of models is, and `--format json` shows it whole.
+LIST_WIDTH = 128
 
 
 # --- helpers shared with chantool -----------------------------------------------------------
@@ -189,7 +193,9 @@ def quiet_stdout() -> None:
 
 
 def note(prog: str, msg: str) -> None:
-    print(f"{prog}: {msg}", file=sys.stderr)
+    """One line on stderr. Escaped (keygate.tables): a message may quote a file, a log or
+    an upstream, and none of that may act on the terminal or start a line of its own."""
+    print(f"{prog}: {escape(msg)}", file=sys.stderr)
 
 
 class CommaList(argparse.Action):
@@ -752,13 +758,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
         ])
     header = ["NAME", "ENABLED", "EXPIRES", "SCOPES", "MODELS", "ALLOW_IPS", "LIMITS",
               "REQ_TODAY", "TOK_TODAY"]
-    return render_table([header, *shown])
-
-
-def render_table(rows: list[list[str]]) -> str:
-    """Rows as left-aligned columns two spaces apart (the first row is the header)."""
-    widths = [max(len(x) for x in col) for col in zip(*rows)]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows)
+    return render_table([header, *shown], max_width=LIST_WIDTH)
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -5,6 +5,10 @@
 
 Reads the rotated files (oldest first) and the live file, skips garbage and a torn last
 line (counted on stderr), and prints one row per group. Everything but `main` is pure.
+
+Group values are what clients sent (a model name is any string a valid key sends), so no
+output passes them through raw: the table escapes and cuts them (keygate.tables), and the
+JSON and TOML texts write the characters a terminal would act on as escapes.
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from .tables import escape, escape_encoded, escape_surrogates, render_table
 from .usagelog import log_files, read_records
 
 GROUPS = ("key", "model", "channel", "day")
 COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "errors")
 FORMATS = ("table", "json", "toml")
+MAX_GROUP_WIDTH = 60  # columns of a group value in a table; longer ones are cut, marked
+KEY_NAME_MAX = 128  # the longest key name keys.yaml allows
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _RELATIVE = re.compile(r"(\d+)([smhdw])")
 
@@ -188,20 +195,26 @@ def _row_dict(row: Row, by: tuple[str, ...]) -> dict[str, Any]:
 
 
 def format_json(rows: list[Row], by: tuple[str, ...]) -> str:
-    return json.dumps([_row_dict(r, by) for r in rows], indent=2, ensure_ascii=False)
+    text = json.dumps([_row_dict(r, by) for r in rows], indent=2, ensure_ascii=False)
+    return escape_encoded(text)  # C1, DEL, bidi and lone surrogates as \uXXXX
 
 
 def format_toml(rows: list[Row], by: tuple[str, ...]) -> str:
     import tomli_w  # only this format needs it
 
-    # TOML has no null: a group value that is null (no key, no model) is left out.
-    table = [{k: v for k, v in _row_dict(r, by).items() if v is not None} for r in rows]
-    return tomli_w.dumps({"rows": table}).rstrip("\n")
+    # TOML has no null: a group value that is null (no key, no model) is left out. Nor
+    # has it an escape for a lone surrogate (a byte that was not UTF-8): those show as text.
+    table = [{k: escape_surrogates(v) if type(v) is str else v
+              for k, v in _row_dict(r, by).items() if v is not None} for r in rows]
+    return escape_encoded(tomli_w.dumps({"rows": table}).rstrip("\n"))
 
 
-def format_table(rows: list[Row], by: tuple[str, ...]) -> str:
+def format_table(rows: list[Row], by: tuple[str, ...],
+                 max_width: int | None = MAX_GROUP_WIDTH) -> str:
     """Aligned columns, a header and a TOTAL row; "-" stands for null. Without groups
-    only the TOTAL row is shown."""
+    only the TOTAL row is shown. Group values are escaped and cut at `max_width` columns
+    (keygate.tables): a client's model name can neither act on the terminal nor forge or
+    widen a row; a key name (at most 128 characters) is never cut."""
     labels = list(by) or [""]
     counters = [[f"{getattr(t, c):,}" for c in COUNTERS] for t in [r.totals for r in rows]]
     grid = [labels + list(COUNTERS)]
@@ -210,14 +223,10 @@ def format_table(rows: list[Row], by: tuple[str, ...]) -> str:
     whole = total(rows)
     grid.append(["TOTAL"] + [""] * (len(labels) - 1)
                 + [f"{getattr(whole, c):,}" for c in COUNTERS])
-    widths = [max(len(line[i]) for line in grid) for i in range(len(grid[0]))]
-
-    def fmt(line: list[str]) -> str:
-        cells = [c.ljust(w) if i < len(labels) else c.rjust(w)
-                 for i, (c, w) in enumerate(zip(line, widths))]
-        return "  ".join(cells).rstrip()
-
-    return "\n".join(fmt(line) for line in grid)
+    caps = [max(max_width, KEY_NAME_MAX) if max_width is not None and name == "key"
+            else max_width for name in labels]
+    return render_table(grid, right=range(len(labels), len(grid[0])),
+                        max_width=caps + [None] * len(COUNTERS))
 
 
 RENDER = {"table": format_table, "json": format_json, "toml": format_toml}
@@ -272,16 +281,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log_path = _log_path(args)
     except ValueError as e:  # keygate.config.ConfigError is a ValueError
-        parser.error(str(e))
+        parser.error(escape(str(e)))
     summer = Summer(by, since and canonical(since), until and canonical(until))
     try:
         bad = read_into(log_path, summer.add)
     except OSError as e:
-        parser.error(f"cannot read {log_path}: {e}")
+        parser.error(escape(f"cannot read {log_path}: {e}"))
     rows = summer.rows()
     if bad:
-        print(f"usage: skipped {bad} line{'s' if bad != 1 else ''} of {log_path} that "
-              "are not JSON records", file=sys.stderr)
+        lines = f"{bad} line{'s' if bad != 1 else ''}"
+        print(f"usage: skipped {lines} of {escape(str(log_path))} that are not JSON records",
+              file=sys.stderr)
     print(RENDER[args.format](rows, by))
     return 0
 
