@@ -17,6 +17,7 @@ STATUS = {
     "unknown_endpoint": 404,
     "model_not_found": 404,
     "request_too_large": 413,
+    "headers_too_large": 431,
     "rate_limit_exceeded": 429,
     "insufficient_quota": 429,
     "upstream_error": 502,

@@ -368,7 +368,11 @@ def test_allows_ip(allow, ip, allowed):
     (["llama3.2:latest"], "llama3.2", True),
     (["llama3.2:1b"], "llama3.2", False),
     (["llama3.2:*"], "llama3.1:8b", False),
-    (["llama3.2:*"], "LLAMA3.2:1b", False),  # case-sensitive
+    # Ollama resolves names without regard to case: so do the key's patterns
+    (["llama3.2:*"], "LLAMA3.2:1b", True),
+    (["LLAMA3.2:*"], "llama3.2:1b", True),
+    (["llama3.2:*"], "Qwen2.5:7B", False),
+    (["gpt-oss:20b"], "GPT-OSS:120B", False),
     (["llama3.2:?b"], "llama3.2:1b", True),
     (["llama3.2:?b"], "llama3.2:11b", False),
     (["qwen2.5:[37]b"], "qwen2.5:7b", True),

@@ -9,7 +9,13 @@ from mitmproxy import http
 from mitmproxy.test import taddons
 
 from keygate.authentication import Auth
-from keygate.policy import ROOT_TEXT, Policy, body_model, keep_alive_is_disruptive
+from keygate.policy import (
+    ROOT_TEXT,
+    Policy,
+    body_model,
+    go_duration_ns,
+    keep_alive_allowed,
+)
 from keygate.routing import Router
 from keygate_unit import make_config, make_flow, request_json, response_json, run_request
 
@@ -19,22 +25,36 @@ DIGEST = "sha256:" + "ab" * 32
 # --------------------------------------------------------------------------- keep_alive
 
 
-@pytest.mark.parametrize("value, disruptive", [
-    # unloads the model
-    (0, True), (0.0, True), (-0.0, True), ("0", True), ("0s", True), ("0m", True), ("0h", True),
-    ("0ms", True), ("00", True), ("0.0", True), ("0.0s", True), (" 0s ", True), ("+0", True),
-    ("0h0m0s", True), ("0m0s", True),
-    # pins the model in memory
-    (-1, True), (-0.5, True), ("-1", True), ("-1m", True), ("-5m0s", True), (" -1", True),
-    (-(10 ** 9), True),
-    # ordinary
-    (1, False), (300, False), (0.5, False), ("5m", False), ("300", False), ("10s", False),
-    ("1h", False), ("0.5s", False), ("10m0s", False), ("1ms", False),
-    # not a keep_alive Ollama understands: not ours to judge
-    (None, False), (True, False), (False, False), ("", False), ({}, False), ([0], False),
+@pytest.mark.parametrize("text, ns", [
+    ("0", 0), ("+0", 0), ("-0", 0), ("0s", 0), ("00", None), ("1ns", 1), ("0.1ns", 0),
+    ("1.5s", 1_500_000_000), ("1h2m3s", 3_723_000_000_000), ("5m", 300_000_000_000),
+    ("1\u00b5s", 1000), ("1\u03bcs", 1000), ("-1m", -60_000_000_000), (".5s", 500_000_000),
+    ("1.s", 1_000_000_000), ("999999h", 999_999 * 3_600_000_000_000),
+    ("9223372036854775807ns", (1 << 63) - 1), ("9223372036854775808ns", None),
+    ("-9223372036854775808ns", -(1 << 63)),
+    ("", None), ("s", None), (".s", None), ("5", None), ("5x", None), (" 5m", None),
+    ("5m ", None), ("1d", None), ("--1s", None), ("1e3s", None),
 ])
-def test_keep_alive_is_disruptive(value, disruptive):
-    assert keep_alive_is_disruptive(value) is disruptive
+def test_go_duration_reads_as_go_does(text, ns):
+    assert go_duration_ns(text) == ns
+
+
+@pytest.mark.parametrize("value, allowed", [
+    # unloads the model: zero, or under a second (Ollama truncates numbers to seconds)
+    (0, False), (0.0, False), (-0.0, False), (0.5, False), (0.999, False), ("0", False),
+    ("0s", False), ("0.1ns", False), ("1ns", False), ("999ms", False), ("0h0m0s", False),
+    # pins the model in memory: negative, or longer than max_keep_alive_s (3600 here)
+    (-1, False), (-0.5, False), ("-1m", False), (1e300, False), ("999999h", False),
+    (3601, False), ("1h0m1s", False), (float("inf"), False),
+    # not a keep_alive Ollama reads: removed all the same
+    (None, False), (True, False), ("", False), ({}, False), ([0], False), (" 5m", False),
+    (float("nan"), False),
+    # ordinary
+    (1, True), (1.9, True), (300, True), ("5m", True), ("10s", True), ("1h", True),
+    (3600, True), ("1s", True), ("1000ms", True), ("59m59.5s", True),
+])
+def test_keep_alive_allowed(value, allowed):
+    assert keep_alive_allowed(value, 3600) is allowed
 
 
 @pytest.mark.parametrize("doc, kind, model", [
@@ -412,19 +432,24 @@ def test_body_cleaning_holds_for_case_variant_keys(path, field, value):
         sent = request_json(f)
         for k, v in sent.items():
             assert k.lower() != "_debug_render_only", sent
-            assert not (k.lower() == "keep_alive" and keep_alive_is_disruptive(v)), sent
+            assert not (k.lower() == "keep_alive" and not keep_alive_allowed(v, 3600)), sent
 
 
-@pytest.mark.parametrize("encoding", ["gzip", "br"])
-def test_an_encoded_request_body_is_checked_as_decoded(encoding):
-    ok = make_flow("POST", "/api/chat", key="llama", headers={"content-encoding": encoding},
-                   body={"model": "llama3.2:1b", "messages": []})
-    denied = make_flow("POST", "/api/chat", key="llama", headers={"content-encoding": encoding},
-                       body={"model": "qwen2.5:7b", "messages": []})
+@pytest.mark.parametrize("encoding", ["gzip", "br", "deflate", "identity, gzip", "x-unknown"])
+def test_an_encoded_request_body_is_refused_before_it_is_read(encoding):
+    # keygate checks exactly the bytes it forwards: it does not inflate request bodies.
+    f = make_flow("POST", "/api/chat", key="llama", body={"model": "llama3.2:1b"})
+    f.request.headers["content-encoding"] = encoding  # (the body stays as it is)
     config = make_config()
     with taddons.context():
-        for f in (ok, denied):
-            assert f.request.raw_content != f.request.content
-            run_request(f, Auth(config), Policy(config))
-    assert ok.response is None and ok.metadata["keygate.model"] == "llama3.2:1b"
-    assert_refused(denied, 403, "permission_denied")
+        run_request(f, Auth(config), Policy(config))
+    assert_refused(f, 400, "invalid_request")
+
+
+def test_identity_content_encoding_is_no_encoding():
+    f = make_flow("POST", "/api/chat", key="llama", headers={"content-encoding": "identity"},
+                  body={"model": "llama3.2:1b", "messages": []})
+    config = make_config()
+    with taddons.context():
+        run_request(f, Auth(config), Policy(config))
+    assert f.response is None and f.metadata["keygate.model"] == "llama3.2:1b"

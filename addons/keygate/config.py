@@ -32,8 +32,26 @@ class ConfigError(ValueError):
 
 
 def is_cloud_model(model: str) -> bool:
-    """Names Ollama hands on to ollama.com instead of running locally."""
-    return model.endswith(":cloud") or model.endswith("-cloud")
+    """Names Ollama hands on to ollama.com instead of running locally. Ollama compares
+    names without regard to case, so "x:CLOUD" is a cloud name too."""
+    m = model.strip().lower()
+    return m.endswith(":cloud") or m.endswith("-cloud")
+
+
+# What a model name may not hold: C0 and C1 controls and DEL. Ollama would ignore or
+# fold some of them, keygate's patterns would not, and they end up in logs and terminals.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def model_name_problem(model: str) -> str | None:
+    """Why a requested model name is refused (400), or None: surrounding white space
+    (Ollama would strip it, so the name would be another one to keygate than to Ollama)
+    and control characters."""
+    if model != model.strip():
+        return "begins or ends with white space"
+    if _CONTROL.search(model):
+        return "holds a control character"
+    return None
 
 
 def with_default_tag(name: str) -> str | None:
@@ -55,6 +73,14 @@ def match_any(patterns: tuple[str, ...], name: str) -> bool:
     tagged = with_default_tag(name)
     names = (name,) if tagged is None else (name, tagged)
     return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
+
+
+@functools.lru_cache(maxsize=4096)
+def match_any_nocase(patterns: tuple[str, ...], name: str) -> bool:
+    """match_any() as Ollama resolves names: without regard to case. For the rules that
+    keep a name out (a key's models, the cloud rule), where another spelling of the same
+    model must not slip past a pattern."""
+    return match_any(tuple(p.lower() for p in patterns), name.lower())
 
 
 @dataclass(frozen=True)
@@ -81,7 +107,8 @@ class Channel:
         if model in self.model_map:
             return True
         if is_cloud_model(model):
-            return match_any(tuple(p for p in self.models if "cloud" in p), model)
+            return match_any_nocase(
+                tuple(p for p in self.models if "cloud" in p.lower()), model)
         return match_any(self.models, model)
 
     def upstream_model(self, model: str) -> str:
@@ -106,6 +133,8 @@ class Settings:
     usage_log_max_bytes: int = 100 * MB
     usage_log_keep: int = 10
     max_body_bytes: int = 32 * MB
+    max_header_bytes: int = 64 * 1024
+    max_keep_alive: float = 3600.0
     upstream_timeout: float = 300.0
     client_header_timeout: float = 60.0
     client_body_timeout: float = 120.0
@@ -157,6 +186,7 @@ def parse_settings(text: str, path: Path, environ: Mapping[str, str] = os.enviro
         raise where.error("[gateway] must be a table", "gateway")
     known = {
         "keys_file", "usage_log", "usage_log_max_mb", "usage_log_keep", "max_body_mb",
+        "max_header_kb", "max_keep_alive_s",
         "upstream_timeout_s", "client_header_timeout_s", "client_body_timeout_s",
         "trusted_proxies", "cors_origins",
     }
@@ -216,6 +246,9 @@ def parse_settings(text: str, path: Path, environ: Mapping[str, str] = os.enviro
         usage_log_max_bytes=max(1, int(max_mb * MB)),
         usage_log_keep=int(number("usage_log_keep", 10, 0, integer=True)),
         max_body_bytes=int(number("max_body_mb", 32, 0.001) * MB),
+        # A head needs its request line and a few headers: 1 KB at the least.
+        max_header_bytes=int(number("max_header_kb", 64, 1) * 1024),
+        max_keep_alive=float(number("max_keep_alive_s", 3600, 1)),
         upstream_timeout=float(number("upstream_timeout_s", 300, 0.001)),
         client_header_timeout=float(number("client_header_timeout_s", 60, 0.001)),
         client_body_timeout=float(number("client_body_timeout_s", 120, 0.001)),

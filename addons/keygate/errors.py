@@ -14,6 +14,7 @@ CODES: dict[str, tuple[int, str, str]] = {
     "unknown_endpoint": (404, "not_found_error", "not_found_error"),
     "model_not_found": (404, "not_found_error", "not_found_error"),
     "request_too_large": (413, "invalid_request_error", "request_too_large"),
+    "headers_too_large": (431, "invalid_request_error", "invalid_request_error"),
     "rate_limit_exceeded": (429, "rate_limit_error", "rate_limit_error"),
     "insufficient_quota": (429, "insufficient_quota", "rate_limit_error"),
     "upstream_error": (502, "api_error", "api_error"),

@@ -20,7 +20,7 @@ import yaml
 
 from . import blockyaml
 from .blockyaml import Lined
-from .config import ConfigError, match_any
+from .config import ConfigError, match_any_nocase
 
 SCOPES = ("inference", "models", "admin")
 DEFAULT_SCOPES = frozenset({"inference", "models"})
@@ -66,7 +66,9 @@ class Key:
     limits: Limits = Limits()
 
     def may_use(self, model: str) -> bool:
-        return self.models is None or match_any(self.models, model)
+        """Whether the key's patterns cover `model`, compared as Ollama compares names
+        (without regard to case): "LLAMA3.2" is the same model as "llama3.2"."""
+        return self.models is None or match_any_nocase(self.models, model)
 
     def allows_ip(self, ip: str) -> bool:
         if self.allow_ips is None:

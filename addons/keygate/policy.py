@@ -9,15 +9,16 @@ fields that would let one key disturb everyone else on a shared GPU.
 from __future__ import annotations
 
 import json
+import math
 import re
 
 from mitmproxy import http
 
 from . import endpoints
-from .config import cloud_allowed
+from .config import cloud_allowed, model_name_problem
 from .configuration import Config
 from .errors import refuse
-from .headerfields import decoded_body, get_field
+from .headerfields import get_field
 
 ROOT_TEXT = b"keygate is running\n"
 
@@ -26,19 +27,73 @@ def root_response(method: str) -> http.Response:
     """keygate's own answer to GET / and HEAD / (not Ollama's fingerprint string)."""
     body = b"" if method == "HEAD" else ROOT_TEXT
     return http.Response.make(200, body, {"content-type": "text/plain; charset=utf-8"})
-_ZERO_DURATION = re.compile(r"\+?(0+(\.0*)?(ns|us|\u00b5s|ms|s|m|h)?)+")
+# Go's time.ParseDuration, which Ollama uses for a keep_alive string: a sign, then one
+# or more <number><unit>, a number being digits with an optional fraction.
+_GO_UNITS = {"ns": 1, "us": 1_000, "\u00b5s": 1_000, "\u03bcs": 1_000, "ms": 1_000_000,
+             "s": 1_000_000_000, "m": 60_000_000_000, "h": 3_600_000_000_000}
+_GO_PART = re.compile(r"([0-9]*)(?:\.([0-9]*))?([^0-9.]+)")
+_GO_MAX = (1 << 63) - 1
 
 
-def keep_alive_is_disruptive(value: object) -> bool:
-    """A keep_alive that unloads the model (zero) or pins it in memory (negative)."""
+def go_duration_ns(text: str) -> int | None:
+    """Nanoseconds of a Go duration string as time.ParseDuration reads it, or None where
+    it fails (Ollama then refuses the request). Exact: integers, as Go computes it, so
+    "0.1ns" is 0 and "999999h" is what it says."""
+    s = text
+    neg = s[:1] == "-"
+    if s[:1] in "-+" and s:
+        s = s[1:]
+    if s == "0":
+        return 0
+    if not s:
+        return None
+    total, pos = 0, 0
+    while pos < len(s):
+        m = _GO_PART.match(s, pos)
+        if m is None:
+            return None
+        whole, frac, unit = m.group(1), m.group(2), m.group(3)
+        if not whole and not frac or unit not in _GO_UNITS:
+            return None
+        scale = _GO_UNITS[unit]
+        value = int(whole or "0") * scale
+        if frac:
+            value += int(frac) * scale // 10 ** len(frac)
+        total += value
+        if total > _GO_MAX + (1 if neg else 0):
+            return None  # Go: "invalid duration" (overflow)
+        pos = m.end()
+    return -total if neg else total
+
+
+def keep_alive_seconds(value: object) -> float | None:
+    """How long Ollama keeps a model loaded for this keep_alive, in seconds: a negative
+    number means for ever (so does any negative duration); None where Ollama would refuse
+    the value. A JSON number is whole seconds, truncated (Go's int(float64)); a string is
+    a Go duration."""
     if isinstance(value, bool):
-        return False
+        return None
     if isinstance(value, (int, float)):
-        return value <= 0
+        if value != value:  # NaN
+            return None
+        if value < 0:
+            return -1.0
+        return float(math.trunc(value)) if value != math.inf else math.inf
     if isinstance(value, str):
-        s = value.strip()
-        return s.startswith("-") or bool(_ZERO_DURATION.fullmatch(s))
-    return False
+        ns = go_duration_ns(value)
+        if ns is None:
+            return None
+        return -1.0 if ns < 0 else ns / 1e9
+    return None
+
+
+def keep_alive_allowed(value: object, max_seconds: float) -> bool:
+    """Whether a key without `admin` may send this keep_alive (SPEC 4): it must come to
+    at least one second (0 unloads the model for everyone at once, as good as a few
+    nanoseconds do) and at most `max_seconds` (a negative one pins the model for ever).
+    Anything Ollama would not read is not allowed either."""
+    seconds = keep_alive_seconds(value)
+    return seconds is not None and 1 <= seconds <= max_seconds
 
 
 # Fields keygate reads or removes. Ollama decodes bodies with Go's encoding/json, which
@@ -74,6 +129,14 @@ def body_model(doc: dict, kind: str) -> object:
     return model
 
 
+def encoded_body(headers: http.Headers) -> str | None:
+    """The request's Content-Encoding, or None when it has none (or only "identity")."""
+    values = [v.strip().lower() for f in headers.fields if f[0].lower() == b"content-encoding"
+              for v in f[1].decode("latin-1").split(",")]
+    coded = [v for v in values if v not in ("", "identity")]
+    return ", ".join(coded) if coded else None
+
+
 class Policy:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -98,6 +161,15 @@ class Policy:
                    f"This API key may not use {flow.request.method} {ep.path}: "
                    f"it needs the '{ep.scope}' scope.")
             return
+        encoding = encoded_body(flow.request.headers)
+        if encoding is not None and ep.kind != "upload":
+            # keygate checks exactly the bytes it forwards, and upstreams read request
+            # bodies as they are (Ollama ignores Content-Encoding): an encoded body would
+            # be one request to keygate and another upstream.
+            refuse(flow, "invalid_request",
+                   f"Request bodies with Content-Encoding {encoding!r} are not accepted: "
+                   "send the body uncompressed.")
+            return
         limit = self.config.state.settings.max_body_bytes
         declared = get_field(flow.request.headers, b"content-length") or ""
         if declared.isdigit() and int(declared) > limit and ep.kind != "upload":
@@ -107,7 +179,8 @@ class Policy:
         if ep.kind == "model":
             model = endpoints.path_model(path)
             flow.metadata["keygate.model"] = model
-            if not key.may_use(model) or not self._cloud_ok(model):
+            if model_name_problem(model) is not None or not key.may_use(
+                    model) or not self._cloud_ok(model):
                 # As if it did not exist: the key must not learn what else is installed.
                 refuse(flow, "model_not_found", f"The model '{model}' does not exist.")
         elif ep.kind == "upload":
@@ -127,7 +200,7 @@ class Policy:
                    f"Request body is larger than this gateway accepts ({limit} bytes).")
             return
         try:
-            doc = json.loads(decoded_body(flow.request) or b"")
+            doc = json.loads(raw)
         except (ValueError, UnicodeDecodeError, RecursionError):  # nested ~1000 deep
             refuse(flow, "invalid_request", "Request body must be a JSON object.")
             return
@@ -146,6 +219,10 @@ class Policy:
                    "The request body must name a model (\"model\": string).")
             return
         flow.metadata["keygate.model"] = model
+        problem = model_name_problem(model)
+        if problem is not None:
+            refuse(flow, "invalid_request", f"The model name {problem}.")
+            return
         key = self.config.state.keys.by_name.get(flow.metadata.get("keygate.key"))
         if key is None:
             refuse(flow, "invalid_api_key", "Invalid API key.")
@@ -163,8 +240,8 @@ class Policy:
                 stream is not False if ep.streams_by_default else stream is True)
             changed = "_debug_render_only" in doc
             doc.pop("_debug_render_only", None)
-            if "keep_alive" in doc and "admin" not in key.scopes and keep_alive_is_disruptive(
-                    doc["keep_alive"]):
+            if "keep_alive" in doc and "admin" not in key.scopes and not keep_alive_allowed(
+                    doc["keep_alive"], self.config.state.settings.max_keep_alive):
                 del doc["keep_alive"]
                 changed = True
             if changed:
