@@ -301,21 +301,84 @@ def test_key_from_a_reloaded_keyring(auth):
 
 @pytest.mark.parametrize("presented", ["alice", None])
 def test_headers_bearing_any_key_are_not_forwarded(auth, presented):
-    """Besides the credential headers, any header holding the presented key or another
-    valid key (alone, after a scheme, as a cookie or list item) is dropped; others stay."""
+    """Besides the credential headers, any header holding the presented key, and any
+    header with a credential's name holding another valid key (alone, after a scheme, as a
+    cookie or list item), is dropped; others stay."""
     other = secret_of("admin")
     hdrs = [("api-key", other), ("X-Goog-Api-Key", "whatever"), ("Proxy-Authorization", "x"),
-            ("Cookie", f"a=1; session={other}"), ("X-Custom", f"Token {other}"),
-            ("X-List", f"one, {other}"), ("User-Agent", "OpenAI/Python 1.50.0"),
-            ("X-Near", other[:-1]), ("X-Trace", "0123456789abcdef")]
+            ("Cookie", f"a=1; session={other}"), ("X-Custom-Token", f"Token {other}"),
+            ("X-Auth-List", f"one, {other}"), ("User-Agent", "OpenAI/Python 1.50.0"),
+            ("X-Near-Key", other[:-1]), ("X-Trace", "0123456789abcdef")]
     if presented:
         hdrs += [("x-api-key", secret_of(presented)), ("X-Echo", f"k={secret_of(presented)}")]
     f = make_flow("GET", "/api/version", headers=hdrs)
     with taddons.context(auth):
         auth.requestheaders(f)
     kept = {k.lower() for k in f.request.headers}
-    assert {"user-agent", "x-near", "x-trace"} <= kept
+    assert {"user-agent", "x-near-key", "x-trace"} <= kept
     assert not kept & {"api-key", "x-goog-api-key", "proxy-authorization", "cookie",
-                       "x-custom", "x-list", "x-api-key", "x-echo"}
+                       "x-custom-token", "x-auth-list", "x-api-key", "x-echo"}
     assert other not in repr(f.request.headers)
     assert f.metadata.get("keygate.key") == presented
+
+
+def test_client_headers_named_like_keygates_own_are_not_forwarded(auth):
+    f = make_flow("POST", "/api/chat", key="alice", headers=[
+        ("X-Keygate-Key", "admin"), ("x-keygate-request-id", "req_forged"),
+        ("X-KEYGATE-ERROR", "none"), ("X-Keygated", "kept")])
+    with taddons.context(auth):
+        auth.requestheaders(f)
+    assert [k.lower() for k in f.request.headers if k.lower().startswith("x-keygate")] == [
+        "x-keygated"]
+
+
+class CountingRing:
+    """A key ring that counts the header values it is asked to search for keys."""
+
+    def __init__(self, ring) -> None:
+        self.ring, self.asked = ring, 0
+
+    def holds_key(self, value: bytes) -> bool:
+        self.asked += 1
+        return self.ring.holds_key(value)
+
+
+def test_only_credential_headers_are_searched_for_other_keys(auth):
+    """A head full of short tokens costs no hashing: only the values of headers named
+    like a credential are searched for keys; the rest only for the presented key."""
+    ring = CountingRing(auth.config.state.keys)
+    many = " ".join(f"tok{i:06d}" for i in range(20_000))
+    hdrs = http.Headers([(b"X-Many-%d" % i, many.encode()) for i in range(4)]
+                        + [(b"X-Session-Token", b"abc"), (b"Authorization",
+                                                           f"Bearer {secret_of('alice')}".encode())])
+    secret, _ = take_credentials(hdrs, ring)
+    assert secret == secret_of("alice")
+    assert ring.asked == 1  # X-Session-Token alone
+    assert len([k for k in hdrs if k.startswith("X-Many")]) == 4
+
+
+@pytest.mark.parametrize("query, forwarded", [
+    ("key={alice}", ""),
+    ("a=1&key={alice}&b=2", "?a=1&b=2"),
+    ("api_key=sk%2D{alice_rest}", ""),  # percent-encoded
+    ("token=Bearer+{alice}", ""),  # form-encoded space
+    ("other={admin}&x=%41", "?x=%41"),  # another valid key; the rest byte for byte
+    ("q=llama&stream=1", "?q=llama&stream=1"),
+])
+def test_a_key_in_the_query_string_is_not_forwarded(auth, query, forwarded):
+    alice, admin = secret_of("alice"), secret_of("admin")
+    q = query.format(alice=alice, admin=admin, alice_rest=alice[3:])
+    f = make_flow("GET", "/api/tags?" + q, key="alice")
+    with taddons.context(auth):
+        auth.requestheaders(f)
+    assert f.response is None
+    assert f.request.path == "/api/tags" + forwarded
+    assert alice not in f.request.path and admin not in f.request.path
+
+
+def test_a_key_in_the_url_path_is_refused(auth):
+    f = make_flow("GET", "/v1/models/" + secret_of("alice"), key="alice")
+    with taddons.context(auth):
+        auth.requestheaders(f)
+    assert f.response.status_code == 400
+    assert secret_of("alice").encode() not in f.response.content

@@ -11,6 +11,8 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import ipaddress
+import re
+from urllib.parse import unquote, unquote_plus
 
 from mitmproxy import http
 
@@ -86,6 +88,13 @@ def key_of(auth: list[str], xkey: list[str]) -> str | None:
 # clients put a key; and Origin (SPEC 3; Cors has read it before this runs).
 DROPPED_HEADERS = frozenset({b"authorization", b"x-api-key", b"proxy-authorization",
                              b"api-key", b"x-goog-api-key", b"origin"})
+# keygate's own headers are keygate's to set: a client's never go upstream (SPEC 4).
+OWN_PREFIX = b"x-keygate-"
+# Header names under which a client may have put a key of keys.yaml other than the one it
+# presents: their values are searched for any valid key (each token hashed once). Other
+# headers are searched only for the presented key, a plain substring test: hashing every
+# token of every header would let one request with a large head cost seconds.
+_CREDENTIAL_NAME = re.compile(rb"key|token|auth|secret|credential|passw|cookie|session")
 
 
 def take_credentials(headers: http.Headers, keys: KeyRing | None) -> tuple[str | None, bool]:
@@ -93,9 +102,10 @@ def take_credentials(headers: http.Headers, keys: KeyRing | None) -> tuple[str |
     None, whether an Authorization or x-api-key header was there).
 
     Also removed, so that no key a client copied elsewhere reaches the upstream: every
-    header of DROPPED_HEADERS, and (given `keys`) every other header whose value holds the
-    presented key or, as a token, any valid key of keys.yaml (keys are 8+ characters).
-    One pass over the raw fields: this runs for every request.
+    header of DROPPED_HEADERS and every x-keygate-* header; every other header whose value
+    holds the presented key; and (given `keys`) every header with a credential's name
+    (_CREDENTIAL_NAME) whose value holds any valid key of keys.yaml as a token (keys are
+    8+ characters). One pass over the raw fields: this runs for every request.
     """
     auth, xkey, kept = [], [], []
     for field in headers.fields:
@@ -105,15 +115,33 @@ def take_credentials(headers: http.Headers, keys: KeyRing | None) -> tuple[str |
                 auth.append(text(field[1]))
             elif name == b"x-api-key":
                 xkey.append(text(field[1]))
-        else:
+        elif not name.startswith(OWN_PREFIX):
             kept.append(field)
     secret = key_of(auth, xkey)
     if keys is not None:
         raw = secret.encode("utf-8", "surrogateescape") if secret else None
-        kept = [f for f in kept if not ((raw and raw in f[1]) or keys.holds_key(f[1]))]
+        kept = [f for f in kept if not ((raw and raw in f[1]) or (
+            _CREDENTIAL_NAME.search(f[0].lower()) and keys.holds_key(f[1])))]
     if len(kept) != len(headers.fields):
         headers.fields = tuple(kept)
     return secret, bool(auth or xkey)
+
+
+def without_key_in_query(path: str, secret: str, keys: KeyRing) -> str:
+    """`path` (with its query) less every query parameter that holds the presented key or
+    any valid key of keys.yaml, percent-encoded or not. The rest of the query is kept
+    byte for byte (SPEC 4 forwards it unchanged)."""
+    base, sep, query = path.partition("?")
+    if not sep:
+        return path
+    kept = []
+    for part in query.split("&"):
+        plain = unquote_plus(part)
+        if secret in part or secret in plain or keys.holds_key(
+                plain.encode("utf-8", "surrogateescape")):
+            continue
+        kept.append(part)
+    return base + "?" + "&".join(kept) if kept else base
 
 
 def drop_credentials(flow: http.HTTPFlow) -> None:
@@ -153,6 +181,16 @@ class Auth:
         if secret is None:
             refuse(flow, "invalid_api_key", "Malformed API key header." if had_header else
                    "No API key given: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'.")
+            return
+        path = flow.request.path
+        if "?" in path:
+            # A key copied into the URL too must not leave keygate there either.
+            clean = without_key_in_query(path, secret, state.keys)
+            if clean != path:
+                flow.request.path = clean
+        if secret in unquote(flow.metadata["keygate.path"]):
+            refuse(flow, "invalid_request",
+                   "The API key must not be part of the URL path: send it in a header.")
             return
         key = state.keys.lookup(secret)
         del secret
