@@ -11,6 +11,7 @@ import errno
 import gc
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ log = logging.getLogger("keygate")
 _frozen = False  # gc.freeze() done (once per process: see Config.running)
 
 POLL_INTERVAL = 0.5  # seconds; an edit takes effect within two polls and a parse
+RELOG_INTERVAL = 60.0  # seconds; a reload error that persists is logged again this often
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,24 @@ def _fingerprint(path: Path | None) -> tuple | None:
         st = os.stat(path)
     except OSError as e:
         return ("missing", e.errno)
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
+    # ctime too: chmod, chown and ACL changes touch only it, and they can make a file
+    # readable that the last read could not open.
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _unreadable(e: BaseException) -> bool:
+    """Whether a reload failed at reading a file rather than at what the file says. Such a
+    failure (permission denied, too many open files, a network mount that went away) can
+    pass while the file stays exactly as it was, so the watcher reads it again on every
+    poll; a file that was read and does not parse or validate is read again only once it
+    changes."""
+    if isinstance(e, OSError):
+        return True
+    if not isinstance(e, ConfigError):
+        return False
+    if isinstance(e.__cause__, OSError):
+        return True
+    return "cannot read" in str(e) and not isinstance(e.__cause__, UnicodeError)
 
 
 def _has_content(fp: tuple | None) -> bool:
@@ -64,7 +83,8 @@ def read_state(config_path: str | None, missing_keys_ok: bool,
 
 
 class Config:
-    def __init__(self) -> None:
+    def __init__(self, clock=time.monotonic) -> None:
+        self.clock = clock
         self.state: State | None = None
         self._watched: tuple = ()
         self._task: asyncio.Task | None = None
@@ -156,31 +176,47 @@ class Config:
         self._watched = self._fingerprints(state)
 
     async def _watch(self) -> None:
-        failed: tuple | None = None
+        failed: tuple | None = None  # the fingerprints of the last reload that failed
+        retry = False  # it failed reading a file: read again, changed or not
+        said: tuple[str, float] | None = None  # the error last logged, and when
         while True:
             await asyncio.sleep(POLL_INTERVAL)
             if self.state is None:
                 continue
             now = self._fingerprints(self.state)
-            if now == self._watched or now == failed:
+            if now == self._watched:
+                failed, retry, said = None, False, None
+                continue
+            again = now == failed
+            if again and not retry:
                 continue
             try:
                 self._vanished(now)
                 # Parsing 10,000 keys takes a moment: keep it off the event loop.
                 new = await asyncio.to_thread(
                     read_state, ctx.options.keygate_config, False, self._entries)
-            except ConfigError as e:
-                log.error("keygate: %s; keeping the last good configuration", e)
-                failed = now
+            except Exception as e:  # a ConfigError, or a surprise the watcher must outlive
+                failed, retry = now, _unreadable(e)
+                said = self._failed(e, said if again else None)
                 continue
-            except Exception as e:  # the watcher must outlive any surprise
-                log.exception("keygate: reload failed: %s", e)
-                failed = now
-                continue
-            failed = None
+            failed, retry, said = None, False, None
             # The fingerprints taken before the read: an edit made while it was parsed
             # (scripts/keys twice in a row) still differs from them and is read next.
             self.state, self._watched = new, now
             log.info(
                 "keygate: reloaded configuration (%d keys, %d channels)",
                 len(new.keys), len(new.settings.channels))
+
+    def _failed(self, e: Exception, said: tuple[str, float] | None) -> tuple[str, float]:
+        """Log a failed reload, unless a retry of the same files ended in the error `said`
+        logged last, less than RELOG_INTERVAL ago: a read retried every poll must not
+        write a line every poll. Returns what was logged last, and when."""
+        message = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
+        t = self.clock()
+        if said is not None and said[0] == message and t - said[1] < RELOG_INTERVAL:
+            return said
+        if isinstance(e, ConfigError):
+            log.error("keygate: %s; keeping the last good configuration", e)
+        else:
+            log.exception("keygate: reload failed: %s", e)
+        return (message, t)
