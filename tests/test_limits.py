@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import math
 from collections import defaultdict
 
 import pytest
@@ -12,8 +14,10 @@ from mitmproxy import http
 from mitmproxy.flow import Error
 from mitmproxy.test import taddons
 
+from keygate import limits as limits_module
 from keygate.keys import Limits as KeyLimits
 from keygate.limits import (
+    FIRST_ESTIMATE,
     WINDOW,
     Limits,
     RollingWindow,
@@ -441,3 +445,188 @@ def test_addon_ignores_flows_it_should_not_count():
         lim.request(gone)
         assert gone.response is None
     assert lim.requests == {} or all(w.total == 0 for w in lim.requests.values())
+
+
+# --------------------------------------------------------------------------- reservations
+
+
+DAY = "2026-03-01"
+
+
+def settle(lim: Limits, f: http.HTTPFlow, tokens: int) -> None:
+    """The request ends having used `tokens`, counted as the usage log counts it."""
+    ledger = lim.usage.ledger
+    name = f.metadata["keygate.key"]
+    finish(lim, f, tokens)
+    ledger.tokens[(name, DAY)] += tokens
+    ledger.total[name] += tokens
+
+
+def test_reservations_hold_back_a_token_quota_until_their_requests_end():
+    lim = make_limits(keys={"k": {"limits": {"tokens_per_day": 10}}})
+    with taddons.context():
+        first = admitted()
+        lim.request(first)
+        assert first.response is None
+        assert first.metadata["keygate.reserved"] == FIRST_ESTIMATE  # nothing known yet
+        assert lim.reserved == {"k": FIRST_ESTIMATE}
+        for _ in range(5):
+            f = admitted()
+            lim.request(f)
+            # Not used up, spoken for: retry soon, not at midnight.
+            assert f.response.status_code == 429
+            assert f.response.headers["x-keygate-error"] == "rate_limit_exceeded"
+            assert f.response.headers["retry-after"] == "1"
+            assert "nearly used up (10 per UTC day)" in f.response.json()["error"]
+            assert "keygate.reserved" not in f.metadata and "keygate.counted" not in f.metadata
+            lim.response(f)  # a refused request reserved nothing, so frees nothing
+        assert lim.reserved == {"k": FIRST_ESTIMATE} and lim.inflight == {"k": 1}
+        settle(lim, first, 8)
+        assert lim.reserved == {} and lim.inflight == {} and lim.estimates == {"k": 8.0}
+        second = admitted()
+        lim.request(second)  # 8 used + 0 reserved < 10
+        assert second.response is None and second.metadata["keygate.reserved"] == 8
+        third = admitted()
+        lim.request(third)  # 8 used + 8 reserved >= 10
+        assert third.response.headers["x-keygate-error"] == "rate_limit_exceeded"
+        settle(lim, second, 8)  # crosses the quota and completes (SPEC 7)
+        fourth = admitted()
+        lim.request(fourth)
+    assert fourth.response.headers["x-keygate-error"] == "insufficient_quota"
+    assert lim.counted == {}
+
+
+@pytest.mark.parametrize("limits, used, what", [
+    ({"tpm": 100}, 60, "100 tokens per minute"),
+    ({"tokens_per_day": 100}, 60, "100 per UTC day"),
+    ({"tokens_total": 100}, 60, "100 tokens in total"),
+])
+def test_each_token_quota_counts_reservations(limits, used, what):
+    clock = Clock()
+    lim = make_limits(clock, keys={"k": {"limits": limits}})
+    lim.estimates["k"] = 39.2  # reserves 40
+    kl = KeyLimits(**limits)
+    if "tpm" in limits:
+        lim.admit("k", clock.t)
+        lim.finish("k", used, clock.t)
+    lim.usage.ledger.tokens[("k", DAY)] = used
+    lim.usage.ledger.total["k"] = used
+    assert lim.reservation("k", kl) == 40
+    lim.admit("k", clock.t, 39)
+    assert lim.check("k", kl, clock.t) is None  # 60 + 39 < 100
+    lim.admit("k", clock.t, 1)
+    code, message, wait = lim.check("k", kl, clock.t)  # 60 + 40 >= 100
+    assert code == "rate_limit_exceeded" and what in message and wait == 1.0
+    lim.finish("k", 0, clock.t, 1)
+    assert lim.check("k", kl, clock.t) is None
+
+
+def test_a_quota_used_up_answers_before_reservations():
+    lim = make_limits(keys={"k": {"limits": {"tokens_per_day": 100, "tokens_total": 50}}})
+    limits = KeyLimits(tokens_per_day=100, tokens_total=50)
+    lim.usage.ledger.tokens[("k", DAY)] = 40
+    lim.usage.ledger.total["k"] = 50
+    lim.admit("k", T0, 80)
+    code, message, wait = lim.check("k", limits, T0)
+    assert code == "insufficient_quota" and "50 tokens in total" in message and wait is None
+
+
+def test_keys_without_token_quotas_reserve_nothing():
+    lim = make_limits(keys={"k": {"limits": {"rpm": 5, "concurrent": 3}}, "free": {}})
+    with taddons.context():
+        for name in ("k", "free"):
+            f = admitted(name)
+            lim.request(f)
+            assert f.response is None and "keygate.reserved" not in f.metadata
+            finish(lim, f, 500)
+    assert lim.reserved == {} and lim.estimates == {}
+    assert lim.reservation("k", KeyLimits(rpm=5)) == 0
+
+
+def test_the_estimate_is_a_recent_mean_of_requests_that_reported_tokens():
+    lim = make_limits(keys={"k": {"limits": {"tokens_total": 10 ** 9}}})
+    limits = KeyLimits(tokens_total=10 ** 9)
+    assert lim.reservation("k", limits) == FIRST_ESTIMATE
+    for tokens, mean in [(100, 100.0), (0, 100.0), (20, 80.0), (1, 60.25)]:
+        lim.admit("k", T0, lim.reservation("k", limits))
+        lim.finish("k", tokens, T0, lim.reserved["k"])
+        assert lim.estimates["k"] == mean
+    assert lim.reservation("k", limits) == 61  # rounded up
+    lim.estimates["k"] = 0.01
+    assert lim.reservation("k", limits) == 1  # never less than one
+
+
+def test_every_way_a_request_ends_releases_its_reservation(monkeypatch):
+    monkeypatch.setattr(limits_module, "ABANDONED_AFTER", 0.05)
+    lim = make_limits(keys={"k": {"limits": {"tokens_total": 10 ** 6, "concurrent": 10}}})
+
+    async def main():
+        with taddons.context():
+            flows = [admitted() for _ in range(5)]
+            for f in flows:
+                lim.request(f)
+                assert f.response is None
+            assert lim.reserved == {"k": 5 * FIRST_ESTIMATE} and len(lim.counted) == 5
+            answered, broke, left, refused, abandoned = flows
+            finish(lim, answered, 7)
+            broke.error = Error("server disconnected")
+            lim.error(broke)
+            left.error = Error("Client disconnected.")
+            lim.error(left)
+            lim.error(left)  # a second end hook frees nothing twice
+            # A stage after Limits refused it after all: mitmproxy sends that answer and
+            # runs the response hook.
+            refused.response = http.Response.make(503)
+            lim.response(refused)
+            assert lim.reserved == {"k": FIRST_ESTIMATE} and lim.inflight == {"k": 1}
+            # No end hook at all (mitmproxy gave up on it): ended once its client is gone.
+            lim.client_disconnected(flows[0].client_conn)  # no flow of that client left
+            lim.client_disconnected(abandoned.client_conn)
+            await asyncio.sleep(0.1)
+            assert lim.reserved == {}
+            assert lim.inflight == {} and lim.counted == {}
+
+    asyncio.run(main())
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(st.one_of(
+    st.tuples(st.just("arrive"), st.integers(0, 40)),  # its real token count
+    st.tuples(st.just("end"), st.integers(0, 1000)),  # which request in flight ends
+), max_size=60), quota=st.integers(1, 120), tpd=st.booleans())
+def test_the_overshoot_bound_against_a_model(steps, quota, tpd):
+    """limits.py's bound: with L the last request admitted and F the requests in flight
+    right after (L among them), the quota ends exceeded by at most
+    (a_L - 1) + sum(a_i - e_i, i in F - L), and F holds at most ceil(R / min e)."""
+    limits = {"tokens_per_day": quota} if tpd else {"tokens_total": quota}
+    lim = make_limits(keys={"k": {"limits": limits}})
+    ledger = lim.usage.ledger
+    actual: dict[str, int] = {}
+    flight: list[http.HTTPFlow] = []
+    last: tuple | None = None  # (L, F, used at L's admission)
+    with taddons.context():
+        for op, n in steps + [("end", 0)] * 60:
+            if op == "arrive":
+                f = admitted()
+                used = ledger.total["k"]
+                lim.request(f)
+                if f.response is None:
+                    actual[f.id] = n
+                    flight.append(f)
+                    last = (f, list(flight), used)
+                else:
+                    assert "keygate.reserved" not in f.metadata
+            elif flight:
+                f = flight.pop(n % len(flight))
+                reserved = f.metadata["keygate.reserved"]
+                assert reserved >= 1
+                f.metadata["keygate.estimate"] = reserved  # kept for the check below
+                settle(lim, f, actual[f.id])
+    assert lim.reserved == {} and lim.inflight == {}
+    if last is None:
+        return
+    L, F, used = last
+    e = {f.id: f.metadata["keygate.estimate"] for f in F}
+    over = ledger.total["k"] - quota
+    assert over <= actual[L.id] - 1 + sum(actual[f.id] - e[f.id] for f in F if f is not L)
+    assert len(F) <= math.ceil((quota - used) / min(e.values()))

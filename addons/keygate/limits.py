@@ -4,10 +4,40 @@ Counters count requests keygate forwards: the check runs after the router has ad
 request, and a refusal takes the admission back. Rolling windows (rpm, tpm) live here in
 memory; day and lifetime quotas come from the usage ledger, which is rebuilt from the log,
 so they survive restarts. Everything a check touches is per key: O(1) in the number of keys.
+
+Token quotas under concurrency. A request's tokens are known only when it ends, so a check
+against the tokens already counted alone would let through every request that arrives
+while the first ones are still running. So each request of a key with tpm, tokens_per_day
+or tokens_total holds a reservation while it is in flight: e tokens, the key's recent mean
+per request (an exponentially weighted mean over this process's finished requests of the
+key that reported tokens, rounded up, so at least 1; FIRST_ESTIMATE before the first).
+Reservations count against each of those quotas until their request ends (response,
+error, client gone, refused after all), when the real count replaces them. A request is
+admitted only while
+
+    used + reserved < quota    (used: tokens counted; reserved: the key's requests in flight)
+
+and one refused only because of the reservations gets 429 rate_limit_exceeded with
+Retry-After: 1, since the quota itself is not used up. Refused requests reserve nothing.
+
+The bound, for each quota and keygate process: let L be the last request admitted against
+the quota (in its day, window or lifetime), F the requests in flight right after L was
+admitted (L among them), a_i the tokens request i really used and e_i its reservation.
+At L's admission used + sum(e_i, i in F - L) <= quota - 1, and the tokens counted once F
+has ended are that `used` plus sum(a_i, i in F), so the quota is exceeded by at most
+
+    (a_L - 1) + sum(a_i - e_i, i in F - L)
+
+that is, the last request's tokens less one (as for one client sending one request at a
+time: the request that crosses a quota completes), plus by how much the others then in
+flight outran their reservations. And F holds at most ceil(R / e) requests, R = quota -
+used when L was admitted and e the smallest reservation in F (so one, when the reservation
+of a request in flight covers what remains).
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import functools
 import math
@@ -24,6 +54,11 @@ from .keys import Limits as KeyLimits
 from .usage import Usage
 
 WINDOW = 60.0
+FIRST_ESTIMATE = 1024  # tokens reserved per request of a key with no finished request yet
+ESTIMATE_WEIGHT = 0.25  # of the latest request in the key's mean tokens per request
+# Seconds after its client left that a flow with no end hook ends here: after Usage has
+# logged it and counted its tokens (1 s), so its reservation stands in for them until then.
+ABANDONED_AFTER = 1.5
 
 
 class RollingWindow:
@@ -91,6 +126,11 @@ class Limits:
         self.requests: dict[str, RollingWindow] = {}
         self.tokens: dict[str, RollingWindow] = {}
         self.inflight: dict[str, int] = {}
+        # Token quotas: tokens reserved by each key's requests in flight, the key's mean
+        # tokens per request, and the flows holding reservations or slots (by flow id).
+        self.reserved: dict[str, int] = {}
+        self.estimates: dict[str, float] = {}
+        self.counted: dict[str, http.HTTPFlow] = {}
 
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if flow.response or flow.error or not flow.live:
@@ -130,8 +170,12 @@ class Limits:
             headers = {"retry_after": retry_after(wait)} if wait is not None else {}
             refuse(flow, code, message, **headers)
             return
-        self.admit(name, self.clock())
+        reserve = self.reservation(name, lim)
+        self.admit(name, self.clock(), reserve)
         flow.metadata["keygate.counted"] = True
+        if reserve:
+            flow.metadata["keygate.reserved"] = reserve
+        self.counted[flow.id] = flow
         flow.metadata["keygate.ratelimit"] = self.headers(name, lim)
 
     def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
@@ -154,6 +198,10 @@ class Limits:
                 return ("rate_limit_exceeded",
                         f"Rate limit reached: {lim.rpm} requests per minute.",
                         w.wait_below(lim.rpm, now))
+        # Reserved by the key's requests in flight; the first token quota they fill. A quota
+        # used up answers first: it does not free up when they end.
+        reserved = self.reserved.get(name, 0)
+        held: str | None = None
         if lim.tpm is not None:
             w = _window(self.tokens, name)
             w.expire(now)
@@ -161,6 +209,8 @@ class Limits:
                 return ("rate_limit_exceeded",
                         f"Rate limit reached: {lim.tpm} tokens per minute.",
                         w.wait_below(lim.tpm, now))
+            if reserved and w.total + reserved >= lim.tpm:
+                held = f"{lim.tpm} tokens per minute"
         ledger = self.usage.ledger
         if lim.requests_per_day is not None or lim.tokens_per_day is not None:
             day = utc_day(now)
@@ -170,26 +220,61 @@ class Limits:
                 return ("insufficient_quota",
                         f"Daily request quota used up ({lim.requests_per_day} per UTC day).",
                         seconds_to_utc_midnight(now))
-            if lim.tokens_per_day is not None and ledger.tokens_on(name, day) >= lim.tokens_per_day:
+            if lim.tokens_per_day is not None:
+                used = ledger.tokens_on(name, day)
+                if used >= lim.tokens_per_day:
+                    return ("insufficient_quota",
+                            f"Daily token quota used up ({lim.tokens_per_day} per UTC day).",
+                            seconds_to_utc_midnight(now))
+                if reserved and held is None and used + reserved >= lim.tokens_per_day:
+                    held = f"{lim.tokens_per_day} per UTC day"
+        if lim.tokens_total is not None:
+            used = ledger.tokens_total(name)
+            if used >= lim.tokens_total:
                 return ("insufficient_quota",
-                        f"Daily token quota used up ({lim.tokens_per_day} per UTC day).",
-                        seconds_to_utc_midnight(now))
-        if lim.tokens_total is not None and ledger.tokens_total(name) >= lim.tokens_total:
-            return ("insufficient_quota",
-                    f"Token quota used up ({lim.tokens_total} tokens in total).", None)
+                        f"Token quota used up ({lim.tokens_total} tokens in total).", None)
+            if reserved and held is None and used + reserved >= lim.tokens_total:
+                held = f"{lim.tokens_total} tokens in total"
+        if held is not None:
+            # Not used up, but spoken for: admitted once those requests have ended and
+            # their real counts are known.
+            return ("rate_limit_exceeded",
+                    f"Token quota nearly used up ({held}) by this key's requests in flight: "
+                    "retry when they have finished.", 1.0)
         return None
 
-    def admit(self, name: str, now: float) -> None:
+    def reservation(self, name: str, lim: KeyLimits) -> int:
+        """The tokens a request of this key reserves while in flight: 0 without token quotas,
+        else the key's recent mean per request rounded up (FIRST_ESTIMATE before any)."""
+        if lim.tpm is None and lim.tokens_per_day is None and lim.tokens_total is None:
+            return 0
+        mean = self.estimates.get(name)
+        return FIRST_ESTIMATE if mean is None else max(1, math.ceil(mean))
+
+    def admit(self, name: str, now: float, reserve: int = 0) -> None:
         self.inflight[name] = self.inflight.get(name, 0) + 1
+        if reserve:
+            self.reserved[name] = self.reserved.get(name, 0) + reserve
         if name in self.requests or self._limits(name).rpm is not None:
             _window(self.requests, name).add(now)
 
-    def finish(self, name: str, tokens: int, now: float) -> None:
+    def finish(self, name: str, tokens: int, now: float, reserved: int = 0) -> None:
+        """A request admitted with admit(name, _, reserved) ended having used `tokens`."""
         n = self.inflight.get(name, 0) - 1
         if n > 0:
             self.inflight[name] = n
         else:
             self.inflight.pop(name, None)
+        if reserved:
+            left = self.reserved.get(name, 0) - reserved
+            if left > 0:
+                self.reserved[name] = left
+            else:
+                self.reserved.pop(name, None)
+            if tokens > 0:
+                mean = self.estimates.get(name)
+                self.estimates[name] = (
+                    float(tokens) if mean is None else mean + (tokens - mean) * ESTIMATE_WEIGHT)
         if tokens and (name in self.tokens or self._limits(name).tpm is not None):
             _window(self.tokens, name).add(now, tokens)
 
@@ -221,7 +306,22 @@ class Limits:
     def error(self, flow: http.HTTPFlow) -> None:
         self._end(flow)
 
+    def client_disconnected(self, client) -> None:
+        # A flow mitmproxy gave up on without a response or error hook (see Usage) must not
+        # hold its slot and reservation for good: once the hooks still on their way have
+        # had a moment, it ends here with what it used.
+        if self.counted:
+            flows = [f for f in self.counted.values() if f.client_conn.id == client.id]
+            if flows:
+                asyncio.get_running_loop().call_later(ABANDONED_AFTER, self._abandoned, flows)
+
+    def _abandoned(self, flows: list[http.HTTPFlow]) -> None:
+        for flow in flows:
+            self._end(flow)
+
     def _end(self, flow: http.HTTPFlow) -> None:
+        self.counted.pop(flow.id, None)
         if flow.metadata.pop("keygate.counted", None):
             self.finish(flow.metadata["keygate.key"],
-                        flow.metadata.get("keygate.total_tokens", 0), self.clock())
+                        flow.metadata.get("keygate.total_tokens", 0), self.clock(),
+                        flow.metadata.pop("keygate.reserved", 0))
