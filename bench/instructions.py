@@ -30,7 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import run
+from perf.common import CHAT, PY, SMALL_BODY, BenchError, say
+from perf.contenders import MINAUTH, Lab, check_chat, wait_ready
+from perf.fixtures import bench_keys, keygate_dir
+from perf.procs import Procs, free_port
+from perf.report import fmt, table
+from perf.stats import rnd
+from perf.tools import apt_install
 
 WARMUP = 30  # requests before counting, twice: uninstrumented, then instrumented
 REQUESTS = 200
@@ -54,7 +60,7 @@ class Count:
     def as_dict(self) -> dict:
         return {
             "requests": self.requests,
-            "seconds": run.rnd(self.seconds, 2),
+            "seconds": rnd(self.seconds, 2),
             "instructions": self.instructions,
             "idle_instructions_per_s": round(self.idle_per_second),
             "instructions_per_request": round(self.per_request),
@@ -69,7 +75,7 @@ def ensure_valgrind(allow_install: bool) -> tuple[str, str] | None:
         return (vg, ctl) if vg and ctl else None
 
     if found() is None and allow_install:
-        run.apt_install("valgrind", found)
+        apt_install("valgrind", found)
     return found()
 
 
@@ -84,11 +90,11 @@ class Driver:
     def send(self, n: int) -> float:
         t0 = time.monotonic()
         for _ in range(n):
-            self.conn.request("POST", run.CHAT, run.SMALL_BODY, self.headers)
+            self.conn.request("POST", CHAT, SMALL_BODY, self.headers)
             r = self.conn.getresponse()
             body = r.read()
             if r.status != 200:
-                raise run.BenchError(f"{run.CHAT} answered {r.status}: {body[:300]!r}")
+                raise BenchError(f"{CHAT} answered {r.status}: {body[:300]!r}")
         return time.monotonic() - t0
 
     def close(self) -> None:
@@ -107,7 +113,7 @@ class Callgrind:
     def command(valgrind: str, out: Path, cmd: list[str]) -> list[str]:
         # mitmdump is a Python script: valgrind runs the interpreter, which runs it.
         return [valgrind, "--tool=callgrind", "--instr-atstart=no",
-                f"--callgrind-out-file={out}", run.PY, *cmd]
+                f"--callgrind-out-file={out}", PY, *cmd]
 
     def _ctl(self, *args: str) -> None:
         subprocess.run([self.control, *args, str(self.pid)], stdout=subprocess.DEVNULL,
@@ -134,18 +140,18 @@ class Callgrind:
                         if line.startswith("fn="):
                             break
             time.sleep(0.1)
-        raise run.BenchError(f"callgrind wrote no dump {path} within {DUMP_TIMEOUT:.0f} s")
+        raise BenchError(f"callgrind wrote no dump {path} within {DUMP_TIMEOUT:.0f} s")
 
 
-def count(lab: run.Lab, tools: tuple[str, str], name: str, upstream: str,
+def count(lab: Lab, tools: tuple[str, str], name: str, upstream: str,
           config: Path | None, auth: dict, script: str | None = None) -> Count:
-    port = run.free_port()
+    port = free_port()
     out = lab.tmp / f"callgrind-{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}.out"
     cmd = Callgrind.command(tools[0], out, lab.proxy_cmd(upstream, port, config, (), script))
     p = lab.procs.start(name, cmd, cwd=config.parent if config else lab.tmp)
     try:
         url = f"http://127.0.0.1:{port}"
-        run.wait_ready(p, url, START_TIMEOUT)
+        wait_ready(p, url, START_TIMEOUT)
         cg = Callgrind(tools, out, p.pid)
         driver = Driver(url, auth)
         try:
@@ -166,39 +172,39 @@ def count(lab: run.Lab, tools: tuple[str, str], name: str, upstream: str,
         lab.procs.stop(p)
 
 
-def measure(procs: run.Procs, tmp: Path, tools: tuple[str, str]) -> dict:
-    lab = run.Lab(procs, tmp)
+def measure(procs: Procs, tmp: Path, tools: tuple[str, str]) -> dict:
+    lab = Lab(procs, tmp)
     lab.confdir.mkdir(exist_ok=True)
-    keys, auth = run.bench_keys(10_000)
+    keys, auth = bench_keys(10_000)
     up = lab.upstream("upstream-fast")
-    run.check_chat(up.url, {})
-    kg10k = run.keygate_dir(tmp / "kg-10k", up.url, keys.big_yaml)
-    kg1 = run.keygate_dir(tmp / "kg-1key", up.url, keys.one_yaml)
+    check_chat(up.url, {})
+    kg10k = keygate_dir(tmp / "kg-10k", up.url, keys.big_yaml)
+    kg1 = keygate_dir(tmp / "kg-1key", up.url, keys.one_yaml)
     counts = []
     for name, config, a, script in (
         ("bare mitmdump", None, {}, None),
-        ("minimal addon (bench/minauth.py)", None, auth, run.MINAUTH),
+        ("minimal addon (bench/minauth.py)", None, auth, MINAUTH),
         ("keygate (10,000 keys)", kg10k, auth, None),
         ("keygate (1 key)", kg1, auth, None),
     ):
-        run.say(f"counting instructions: {name}")
+        say(f"counting instructions: {name}")
         counts.append(count(lab, tools, name, up.url, config, a, script))
     bare = counts[0].per_request
     return {
         "requests": REQUESTS,
         "targets": {
-            c.name: {**c.as_dict(), "vs_bare": run.rnd(c.per_request / bare)} for c in counts
+            c.name: {**c.as_dict(), "vs_bare": rnd(c.per_request / bare)} for c in counts
         },
     }
 
 
 def report(res: dict) -> str:
     rows = [
-        [name, f"{t['instructions_per_request'] / 1e6:.3f}", run.fmt(t["vs_bare"], 3),
-         f"{t['idle_instructions_per_s'] / 1e6:.2f}", run.fmt(t["seconds"], 1)]
+        [name, f"{t['instructions_per_request'] / 1e6:.3f}", fmt(t["vs_bare"], 3),
+         f"{t['idle_instructions_per_s'] / 1e6:.2f}", fmt(t["seconds"], 1)]
         for name, t in res["targets"].items()
     ]
-    return run.table(
+    return table(
         f"Instructions per small request (callgrind; {res['requests']} sequential requests "
         "on one connection)",
         ["target", "M instr/req", "vs bare", "idle M instr/s", "seconds"],
