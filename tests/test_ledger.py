@@ -1,5 +1,7 @@
-"""Ledger: counters equal a naive full recount of the log, with or without the sidecar
-cache, after rotation, torn lines, garbage, and crashes (simulated and real kill -9)."""
+"""Ledger: counters equal a naive full recount of every line the log ever held, the lines
+of files that rotation deleted included (carried in the sidecar), with or without the
+sidecar's cache of the files on disk, after rotation, torn lines, garbage, and crashes
+(simulated and real kill -9)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict, deque
 from datetime import date, timedelta
@@ -25,15 +28,17 @@ sys.path.insert(0, str(ADDONS))
 
 from keygate.ledger import (  # noqa: E402
     REFUSED,
+    SIDECAR_VERSION,
     Ledger,
     Tally,
     counts,
     day_of,
+    month_before,
     read_sidecar,
     sidecar_path,
     tokens_of,
 )
-from keygate.usagelog import LogFile, Target, encode, rotated_name  # noqa: E402
+from keygate.usagelog import LogFile, Target, UsageWriter, encode, rotated_name  # noqa: E402
 
 BASE = date(2026, 11, 20)
 
@@ -41,19 +46,31 @@ BASE = date(2026, 11, 20)
 # --------------------------------------------------------------------------- the reference
 
 
-def naive_records(path: Path, keep: int) -> list[dict]:
-    """Every record of the log, read the simplest way."""
+def naive_records(path: Path, keep: int | None = None) -> list[dict]:
+    """Every record of the log's files on disk (`.keep` .. `.1` and the live file; with
+    keep None, every `.N` there is), read the simplest way."""
+    if keep is None:
+        numbers = sorted((int(m.group(1)) for x in path.parent.glob(path.name + ".*")
+                          if (m := re.fullmatch(re.escape(path.name) + r"\.(\d+)", x.name))),
+                         reverse=True)
+    else:
+        numbers = range(keep, 0, -1)
     out = []
-    for p in [path.with_name(f"{path.name}.{k}") for k in range(keep, 0, -1)] + [path]:
-        if not p.is_file():
+    for p in [path.with_name(f"{path.name}.{k}") for k in numbers] + [path]:
+        if p.is_file():
+            out.extend(records_of(p))
+    return out
+
+
+def records_of(p: Path) -> list[dict]:
+    out = []
+    for line in p.read_bytes().split(b"\n"):
+        try:
+            obj = json.loads(line.decode("utf-8"))
+        except ValueError:
             continue
-        for line in p.read_bytes().split(b"\n"):
-            try:
-                obj = json.loads(line.decode("utf-8"))
-            except ValueError:
-                continue
-            if isinstance(obj, dict):
-                out.append(obj)
+        if isinstance(obj, dict):
+            out.append(obj)
     return out
 
 
@@ -89,6 +106,26 @@ def naive_counts(records: list[dict], window: int = 3):
     return dict(totals), {kd: tuple(v) for kd, v in per.items()}
 
 
+def naive_months(records: list[dict]) -> dict[tuple[str, str], tuple[int, int]]:
+    """{(key, month): (requests, tokens)} for the newest day's month and the one before."""
+    per: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    newest = ""
+    for r in records:
+        key, err = r.get("key"), r.get("error")
+        d = naive_day(r.get("ts"))
+        if not isinstance(key, str) or (isinstance(err, str) and err in REFUSED) or d is None:
+            continue
+        t = r.get("total_tokens")
+        per[(key, d[:7])][0] += 1
+        per[(key, d[:7])][1] += t if isinstance(t, int) and not isinstance(t, bool) and t > 0 else 0
+        newest = max(newest, d)
+    if not newest:
+        return {}
+    y, m = int(newest[:4]), int(newest[5:7])
+    before = f"{y - 1}-12" if m == 1 else f"{y:04d}-{m - 1:02d}"
+    return {km: tuple(v) for km, v in per.items() if km[1] >= before}
+
+
 def assert_recount(ledger: Ledger, records: list[dict]) -> None:
     totals, days = naive_counts(records)
     assert ledger.snapshot() == (totals, days)
@@ -97,6 +134,10 @@ def assert_recount(ledger: Ledger, records: list[dict]) -> None:
         assert ledger.tokens_on(key, day) == t
     for key, t in totals.items():
         assert ledger.tokens_total(key) == t
+    months = naive_months(records)
+    assert ledger.month_snapshot() == months
+    for (key, month), (r, t) in months.items():
+        assert (ledger.requests_in_month(key, month), ledger.tokens_in_month(key, month)) == (r, t)
 
 
 def rec(i: int, key="alice", error=None, day: int = 0, tokens: int = 10, **extra) -> dict:
@@ -188,6 +229,28 @@ def test_memory_stays_bounded_to_the_window():
     assert led.tokens_total("k0") == 10 * len(range(0, 3000, 7))
 
 
+def test_months_are_counted_and_bounded_to_this_month_and_the_last():
+    led = Ledger()
+    for i in range(400):
+        led.add(rec(i, key=f"k{i % 2}", day=i, tokens=3))  # 2026-11-20 + 400 days
+    months = {m for _, m in led.month_snapshot()}
+    assert months == {"2027-11", "2027-12"}
+    assert led.requests_in_month("k0", "2027-12") == 12  # Dec 1..24: every other day
+    assert led.tokens_in_month("k1", "2027-11") == 3 * 15
+    assert led.requests_in_month("k0", "2027-10") == 0  # gone with the window
+    assert [month_before(m) for m in ("2027-01", "2027-12", "2026-10")] == [
+        "2026-12", "2027-11", "2026-09"]
+
+
+def test_a_late_record_counts_in_its_month_after_its_day_is_gone():
+    led = Ledger()
+    led.add(rec(1, day=10))  # 2026-11-30
+    led.add(rec(2, day=0, tokens=7))  # a long stream of 2026-11-20, logged late
+    assert led.requests_on("alice", "2026-11-20") == 0  # before the day window
+    assert (led.requests_in_month("alice", "2026-11"), led.tokens_in_month(
+        "alice", "2026-11")) == (2, 17)
+
+
 # hypothesis: records as the gateway writes them, plus the junk a log can hold
 keys = st.sampled_from(["alice", "bob", "carol", None])
 odd_keys = st.one_of(keys, st.integers(), st.just(""))
@@ -195,7 +258,9 @@ errors = st.one_of(st.none(), st.sampled_from(sorted(REFUSED) + ["upstream_error
                                                                   "upstream_timeout"]))
 odd_errors = st.one_of(errors, st.integers(), st.lists(st.integers(), max_size=1))
 stamps = st.builds(lambda d, s: (BASE + timedelta(days=d)).isoformat() + s,
-                   st.integers(0, 9), st.sampled_from(["T00:00:00.000Z", "T23:59:59.999Z"]))
+                   # most within days, some across months and a year's end
+                   st.one_of(st.integers(0, 9), st.integers(10, 70)),
+                   st.sampled_from(["T00:00:00.000Z", "T23:59:59.999Z"]))
 odd_stamps = st.one_of(stamps, st.text(max_size=12), st.none(), st.just("2026-13-01T00:00Z"))
 tokens = st.one_of(st.integers(0, 10_000), st.integers(-5, 5), st.booleans(), st.none())
 
@@ -268,16 +333,17 @@ def test_load_rotated_files_garbage_and_torn_line(tmp_path, caplog):
     rs = [rec(i, key=["alice", "bob", None][i % 3], day=i // 40,
               error=[None, "upstream_error", "permission_denied"][i % 4 % 3],
               tokens=i) for i in range(200)]
-    write_log(rotated_name(p, 3), [encode(r) for r in rs[:10]])  # beyond keep: not read
+    # Beyond keep (left from a larger one): still the log's until a rotation retires it.
+    write_log(rotated_name(p, 3), [encode(r) for r in rs[:10]])
     write_log(rotated_name(p, 2), [encode(r) for r in rs[10:60]] + [b"garbage\n"])
     write_log(rotated_name(p, 1), [encode(r) for r in rs[60:120]] + [b"\n", b"[1,2]\n"])
     write_log(p, [encode(r) for r in rs[120:199]] + [encode(rs[199])[:40]])
     led = Ledger.load(p, 2)
-    assert_recount(led, rs[10:199])
+    assert_recount(led, rs[:199])
     assert "skipped 3 lines" in caplog.text
-    assert led.stats.bad_lines == 3 and led.stats.files == 3
-    assert_recount(Ledger.load(p, 2), rs[10:199])  # second time from the sidecar
-    assert_recount(Ledger.load(p, 2, use_cache=False), rs[10:199])
+    assert led.stats.bad_lines == 3 and led.stats.files == 4
+    assert_recount(Ledger.load(p, 2), rs[:199])  # second time from the sidecar
+    assert_recount(Ledger.load(p, 2, use_cache=False), rs[:199])
 
 
 def test_unterminated_but_whole_last_line_counts(tmp_path):
@@ -340,7 +406,10 @@ def test_sidecar_is_not_trusted_when_the_file_changed(tmp_path, damage):
     else:
         keep = rs[:50] + [rec(2000 + i, tokens=1) for i in range(80)]
     write_log(p, [encode(r) for r in keep])
-    assert_recount(Ledger.load(p, 3), keep)
+    # A file with another first line is another file: the one counted is gone, and what it
+    # held is carried forward like a file rotation deleted. Edits keep the first line.
+    assert_recount(Ledger.load(p, 3), rs + keep if damage == "replace" else keep)
+    assert_recount(Ledger.load(p, 3, use_cache=False), keep)
 
 
 @pytest.mark.parametrize("content", [b"{not json", b'{"version":1,"window_days":3}',
@@ -371,13 +440,14 @@ def test_unwritable_sidecar_only_warns(tmp_path, caplog):
     sidecar_path(p).mkdir()  # cannot be replaced by a file
     led = Ledger.load(p, 3)
     assert led.tokens_total("alice") == 10
-    assert "cannot write usage ledger cache" in caplog.text
+    assert "cannot write usage ledger" in caplog.text
 
 
 def test_checkpoint_follows_the_writer(tmp_path):
     p = tmp_path / "usage.jsonl"
     led = Ledger.load(p, 3)
-    f = LogFile(Target(p, 3000, 3))
+    f = LogFile(Target(p, 3000, 3), rotate=lambda dropped, renames: led.rotate(
+        p, 3, dropped, renames))
     rs = [rec(i, day=i // 30) for i in range(100)]
     for r in rs:
         f.append(deque([encode(r)]))
@@ -388,9 +458,13 @@ def test_checkpoint_follows_the_writer(tmp_path):
     led.checkpoint()
     again = Ledger.load(p, 3)
     assert again.stats.scanned_bytes == 0  # everything came from the sidecar
-    assert again.snapshot() == Ledger.load(p, 3, use_cache=False).snapshot()
-    # The in-memory ledger saw every record; the log kept the last few files only.
+    # The in-memory ledger saw every record; the log kept the last few files only, and
+    # the sidecar carries the rest: a restart counts what the running gateway counted.
     assert led.tokens_total("alice") == 1000
+    assert_recount(again, rs)
+    assert again.snapshot() == led.snapshot()
+    assert len(naive_records(p)) < len(rs)
+    assert_recount(Ledger.load(p, 3, use_cache=False), naive_records(p))
 
 
 def test_checkpoint_on_a_new_path(tmp_path):
@@ -405,17 +479,34 @@ def test_checkpoint_on_a_new_path(tmp_path):
 # --------------------------------------------------------------------------- crashes
 
 
-def _rotation_steps(path: Path, keep: int) -> list[tuple[Path, Path]]:
-    """The renames LogFile._rotate makes, in order (for keep >= 1)."""
-    steps = [(rotated_name(path, k), rotated_name(path, k + 1)) for k in range(keep - 1, 0, -1)]
-    return steps + [(path, rotated_name(path, 1))]
+def dropped_by_rotation(path: Path, keep: int) -> list[Path]:
+    """The files LogFile._rotate deletes (for keep >= 1): .keep when .keep-1 moves onto it."""
+    last, before = rotated_name(path, keep), rotated_name(path, keep - 1) if keep > 1 else path
+    return [last] if last.exists() and before.exists() else []
+
+
+def rotation_steps(path: Path, keep: int, led: Ledger, gone: list[dict]) -> list:
+    """Ledger.rotate's steps for one rotation, as callables, in order: count, delete (the
+    records deleted go to `gone`), each rename, count again."""
+    dropped = dropped_by_rotation(path, keep)
+
+    def delete() -> None:
+        for p in dropped:
+            gone.extend(records_of(p))
+            p.unlink()
+
+    renames = [(rotated_name(path, k), rotated_name(path, k + 1)) for k in range(keep - 1, 0, -1)]
+    renames.append((path, rotated_name(path, 1)))
+    steps = [lambda: led.checkpoint(path, keep), delete]
+    steps += [lambda s=s, d=d: s.exists() and os.replace(s, d) for s, d in renames]
+    return steps + [lambda: led.checkpoint(path, keep)]
 
 
 ops = st.lists(st.one_of(
     st.tuples(st.just("write"), st.integers(1, 25)),
     st.tuples(st.just("checkpoint"), st.just(0)),
     st.tuples(st.just("crash_mid_line"), st.integers(1, 300)),
-    st.tuples(st.just("crash_mid_rotation"), st.integers(0, 3)),
+    st.tuples(st.just("crash_mid_rotation"), st.integers(0, 6)),
     st.tuples(st.just("crash_mid_sidecar"), st.just(0)),
     st.tuples(st.just("restart"), st.just(0)),
 ), max_size=25)
@@ -425,18 +516,25 @@ ops = st.lists(st.one_of(
                                                                    HealthCheck.function_scoped_fixture])
 @given(ops, st.randoms(use_true_random=False))
 def test_crash_at_any_point_recounts_exactly(tmp_path_factory, steps, rnd):
-    """Drive the writer's file operations and checkpoints step by step; a crash (kill -9)
-    can leave a torn line, a half-done rotation or a stray temp file. After every restart
-    the loaded counters must equal a naive recount of what is on disk."""
+    """Drive the writer's file operations, rotations and checkpoints step by step; a crash
+    (kill -9) can leave a torn line, a rotation half done or a stray temp file. After
+    every restart the loaded counters must equal a naive recount of what is on disk plus
+    every line of the files rotation deleted."""
     d = tmp_path_factory.mktemp("crash")
     p, keep = d / "usage.jsonl", 3
     target = Target(p, 2500, keep)
+    gone: list[dict] = []  # records of the files deleted
     n = 0
 
+    def rotate(dropped, renames):
+        for x in dropped:
+            gone.extend(records_of(x))
+        led.rotate(p, keep, dropped, renames)
+
     def restart():
-        led = Ledger.load(p, keep)
-        assert_recount(led, naive_records(p, keep))
-        return led, LogFile(target)
+        new = Ledger.load(p, keep)
+        assert_recount(new, gone + naive_records(p))
+        return new, LogFile(target, rotate=rotate)
 
     led, f = restart()
     for op, arg in steps:
@@ -463,15 +561,17 @@ def test_crash_at_any_point_recounts_exactly(tmp_path_factory, steps, rnd):
         elif op == "crash_mid_rotation":
             f.close()
             if p.exists():
-                for src, dst in _rotation_steps(p, keep)[:arg]:
-                    if src.exists():
-                        os.replace(src, dst)
+                if not p.read_bytes().endswith(b"\n"):
+                    with open(p, "ab") as raw:  # as LogFile.append does before rotating
+                        raw.write(b"\n")
+                for step in rotation_steps(p, keep, led, gone)[:arg]:
+                    step()
             led, f = restart()
         elif op == "crash_mid_sidecar":
             sc = sidecar_path(p)
             dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                                   capture_output=True, text=True).stdout.strip()
-            sc.with_name(f"{sc.name}.{dead}.tmp").write_bytes(b'{"version":1,"files":[{"he')
+            sc.with_name(f"{sc.name}.{dead}.tmp").write_bytes(b'{"version":2,"files":[{"he')
             led, f = restart()
             assert not list(d.glob("*.tmp"))  # cleaned up at load
         else:
@@ -479,7 +579,15 @@ def test_crash_at_any_point_recounts_exactly(tmp_path_factory, steps, rnd):
             led, f = restart()
     f.close()
     restart()
-    assert_recount(Ledger.load(p, keep, use_cache=False), naive_records(p, keep))
+    assert_recount(Ledger.load(p, keep, use_cache=False), naive_records(p))
+
+
+def child_record(i: int) -> dict:
+    """The records CHILD writes (the same formula)."""
+    return {"ts": "2026-11-%02dT10:00:00.000Z" % (1 + i // 400 % 28), "id": "req_%020x" % i,
+            "key": ["a", "b", "c", None][i % 4], "status": 200,
+            "error": [None, None, "upstream_error", "rate_limit_exceeded"][i % 7 % 4],
+            "total_tokens": i % 1000, "path": "/api/chat"}
 
 
 CHILD = r"""
@@ -490,7 +598,8 @@ from keygate.ledger import Ledger
 from keygate.usagelog import UsageWriter
 path, start = Path(sys.argv[2]), int(sys.argv[3])
 ledger = Ledger.load(path, 4)
-writer = UsageWriter(path, 30_000, 4, checkpoint=ledger.checkpoint, checkpoint_interval=0.003)
+writer = UsageWriter(path, 30_000, 4, checkpoint=ledger.checkpoint, rotate=ledger.rotate,
+                     checkpoint_interval=0.003)
 print("ready", flush=True)
 for i in itertools.count(start):
     r = {"ts": "2026-11-%02dT10:00:00.000Z" % (1 + i // 400 % 28), "id": "req_%020x" % i,
@@ -505,12 +614,16 @@ for i in itertools.count(start):
 
 
 def test_kill_9_at_random_moments_recounts_exactly(tmp_path):
+    """A writer rotating every ~200 lines, killed at random moments: after each kill the
+    counters equal a recount of every line it wrote (rotation deleted most of them)."""
     p = tmp_path / "logs" / "usage.jsonl"
     rnd = random.Random(7)
     reused = 0
+    written: list[dict] = []
     for round_ in range(4):
+        start = round_ * 10_000_000
         child = subprocess.Popen([sys.executable, "-c", CHILD, str(ADDONS), str(p),
-                                  str(round_ * 10_000_000)], stdout=subprocess.PIPE)
+                                  str(start)], stdout=subprocess.PIPE)
         try:
             assert child.stdout.readline() == b"ready\n"
             time.sleep(rnd.uniform(0.2, 0.7))
@@ -518,11 +631,60 @@ def test_kill_9_at_random_moments_recounts_exactly(tmp_path):
             os.kill(child.pid, signal.SIGKILL)
             child.wait(10)
             child.stdout.close()
+        # The writer writes in order: every record up to the last one on disk was written.
+        mine = [int(r["id"][4:], 16) for r in naive_records(p)
+                if start <= int(r["id"][4:], 16) < start + 10_000_000]
+        if mine:
+            written += [child_record(i) for i in range(start, max(mine) + 1)]
         led = Ledger.load(p, 4)
         reused += led.stats.reused_bytes
-        assert_recount(led, naive_records(p, 4))
-        assert_recount(Ledger.load(p, 4, use_cache=False), naive_records(p, 4))
+        assert_recount(led, written)
+        assert_recount(Ledger.load(p, 4, use_cache=False), naive_records(p))
     assert reused > 0  # the sidecar written by the killed writers was used
+    assert len(naive_records(p)) < len(written) / 2  # most lines were rotated away
+
+
+READER = r"""
+import os, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from keygate.ledger import Ledger
+path, stop = Path(sys.argv[2]), Path(sys.argv[3])
+seen = []
+while not stop.exists():
+    seen.append(Ledger.load(path, 2).tokens_total("a"))
+print(len(seen), max(seen, default=0), flush=True)
+"""
+
+
+def test_a_second_process_counting_while_the_log_rotates_agrees(tmp_path):
+    """`scripts/keys list` loads (and writes) the ledger from another process while the
+    gateway rotates: it must neither take a file renamed under it for deleted nor write a
+    view older than the gateway's. In the end the counters are every line's."""
+    p, stop = tmp_path / "usage.jsonl", tmp_path / "stop"
+    led = Ledger.load(p, 2)
+    w = UsageWriter(p, 3000, 2, checkpoint=led.checkpoint, rotate=led.rotate,
+                    checkpoint_interval=0.01, gather=0)
+    rs = [child_record(i) for i in range(6000)]
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(ADDONS), str(p), str(stop)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.3)  # (its start-up)
+        for i, r in enumerate(rs):
+            led.add(r)
+            w.write(r)
+            if i % 50 == 0:
+                time.sleep(0.002)
+        w.close()
+    finally:
+        stop.touch()
+        out, _ = reader.communicate(timeout=30)
+    loads, seen = map(int, out.split())
+    assert loads > 5
+    final = Ledger.load(p, 2)
+    assert_recount(final, rs)
+    assert final.snapshot() == led.snapshot()
+    assert seen <= final.tokens_total("a")
 
 
 def test_load_keeps_the_temp_file_of_a_live_writer(tmp_path):
@@ -541,3 +703,137 @@ def test_load_logs_nothing_alarming_for_a_clean_log(tmp_path, caplog):
     write_log(p, [encode(rec(i)) for i in range(10)])
     Ledger.load(p, 3)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+# --------------------------------------------------------------------------- carried forward
+#
+# Rotation must not change a quota (SPEC 6): the counts of the files it deletes are
+# carried in the sidecar, and tokens_total is the key's lifetime.
+
+
+@pytest.mark.parametrize("keep", [0, 1, 2])
+def test_a_rotating_flood_changes_no_counter(tmp_path, keep):
+    """Lines of ~600 KB (what a 600 KB path made before lines were bounded) rotate a
+    1 MB log on every line: a restart still counts every line."""
+    p = tmp_path / "usage.jsonl"
+    led = Ledger.load(p, keep)
+    w = UsageWriter(p, 1 << 20, keep, checkpoint=led.checkpoint, rotate=led.rotate)
+    rs = [rec(i, key=["quota", "flood"][i % 2], tokens=100, blob="x" * 600_000)
+          for i in range(12)]
+    for r in rs:
+        led.add(r)
+        w.write(r)
+    w.close()
+    # Rotation deleted the rest, and only what it had to: one line a file, keep + 1 files.
+    assert len(naive_records(p)) == keep + 1 == len(list(tmp_path.glob("usage.jsonl*"))) - 2
+    again = Ledger.load(p, keep)
+    assert again.tokens_total("quota") == 600
+    assert again.requests_on("quota", BASE.isoformat()) == 6
+    assert again.requests_in_month("quota", "2026-11") == 6
+    assert again.snapshot() == led.snapshot()
+    assert again.stats.retired_files == 0  # all carried by the writer, none found missing
+
+
+def test_a_summary_whose_file_is_gone_counts_as_retired(tmp_path):
+    """A crash between a rotation's deletion and its sidecar write: the sidecar still holds
+    the whole file's summary, and the next load carries it forward, once."""
+    p = tmp_path / "usage.jsonl"
+    old, new = [rec(i, tokens=5) for i in range(30)], [rec(100 + i, tokens=7) for i in range(4)]
+    write_log(rotated_name(p, 1), [encode(r) for r in old])
+    write_log(p, [encode(r) for r in new])
+    Ledger.load(p, 1)  # the sidecar summarises both files to their end
+    rotated_name(p, 1).unlink()
+    first = Ledger.load(p, 1)
+    assert first.stats.retired_files == 1
+    assert_recount(first, old + new)
+    again = Ledger.load(p, 1)
+    assert again.stats.retired_files == 0 and again.stats.scanned_bytes == 0
+    assert_recount(again, old + new)
+    assert_recount(Ledger.load(p, 1, use_cache=False), new)  # the files alone
+
+
+def test_deleting_the_logs_carries_forward_and_deleting_the_ledger_too_resets(tmp_path):
+    p = tmp_path / "usage.jsonl"
+    rs = [rec(i) for i in range(10)]
+    write_log(p, [encode(r) for r in rs])
+    Ledger.load(p, 3)
+    p.unlink()  # the logs alone: like a rotation, their counts stay
+    assert Ledger.load(p, 3).tokens_total("alice") == 100
+    sidecar_path(p).unlink()  # and the ledger: a real reset
+    assert Ledger.load(p, 3).snapshot() == ({}, {})
+
+
+def test_version_1_sidecar_is_replaced_and_a_newer_one_left_alone(tmp_path, caplog):
+    p = tmp_path / "usage.jsonl"
+    rs = [rec(i) for i in range(10)]
+    write_log(p, [encode(r) for r in rs])
+    sc = sidecar_path(p)
+    sc.write_text('{"version":1,"window_days":3,"files":[]}')
+    assert_recount(Ledger.load(p, 3), rs)
+    assert json.loads(sc.read_text())["version"] == SIDECAR_VERSION == 2
+    newer = '{"version":3,"window_days":3,"retired":{"what":"we cannot read"},"files":[]}'
+    sc.write_text(newer)
+    assert_recount(Ledger.load(p, 3), rs)
+    assert "written by a newer keygate" in caplog.text
+    assert sc.read_text() == newer
+
+
+def test_retired_counts_are_kept_by_a_ledger_of_another_window(tmp_path):
+    p = tmp_path / "usage.jsonl"
+    rs = [rec(i, day=i // 10) for i in range(30)]
+    write_log(p, [encode(r) for r in rs])
+    Ledger.load(p, 3, window_days=5)
+    p.unlink()
+    led = Ledger.load(p, 3)
+    assert_recount(led, rs)
+    assert led.stats.retired_files == 1
+
+
+@pytest.mark.parametrize("content", [
+    b'{"version":2,"window_days":3,"retired":{"files":-1,"newest":"","totals":{},"days":{},'
+    b'"months":{}},"files":[]}',
+    b'{"version":2,"window_days":3,"retired":{"files":0,"newest":"","totals":{},"days":{},'
+    b'"months":{"2026-13":{}}},"files":[]}',
+    b'{"version":2,"window_days":3,"files":[]}',
+])
+def test_corrupt_retired_tally_is_ignored(tmp_path, caplog, content):
+    p = tmp_path / "usage.jsonl"
+    rs = [rec(i) for i in range(5)]
+    write_log(p, [encode(r) for r in rs])
+    sidecar_path(p).write_bytes(content)
+    assert_recount(Ledger.load(p, 3), rs)
+    assert "ignoring usage ledger" in caplog.text
+
+
+def test_a_load_waits_for_a_rotation_in_progress(tmp_path):
+    """Rotations and counts of the same log exclude each other (the sidecar's lock): a
+    count that saw a file between its rename and its next one could take it for deleted."""
+    from keygate.ledger import sidecar_lock
+    p = tmp_path / "usage.jsonl"
+    rs = [rec(i) for i in range(20)]
+    write_log(rotated_name(p, 1), [encode(r) for r in rs[:10]])
+    write_log(p, [encode(r) for r in rs[10:]])
+    Ledger.load(p, 2)
+    loaded: list[Ledger] = []
+    with sidecar_lock(sidecar_path(p)):
+        os.replace(rotated_name(p, 1), rotated_name(p, 2))
+        t = threading.Thread(target=lambda: loaded.append(Ledger.load(p, 2)))
+        t.start()
+        time.sleep(0.3)
+        assert not loaded  # waiting
+        os.replace(p, rotated_name(p, 1))
+    t.join(10)
+    assert_recount(loaded[0], rs)
+    assert loaded[0].stats.retired_files == 0
+
+
+def test_a_sidecar_that_cannot_be_written_does_not_stop_rotation(tmp_path, caplog):
+    p = tmp_path / "usage.jsonl"
+    led = Ledger.load(p, 1)
+    sidecar_path(p).mkdir()  # cannot be replaced by a file
+    w = UsageWriter(p, 300, 1, checkpoint=led.checkpoint, rotate=led.rotate)
+    for i in range(6):
+        w.write(rec(i))
+    w.close()
+    assert len(naive_records(p)) <= 2
+    assert "a restart will not count its lines" in caplog.text

@@ -1,15 +1,27 @@
-"""Unit tests of the Usage addon's pure parts: timestamps and request ids."""
+"""Unit tests of the Usage addon's pure parts: timestamps, request ids, and the record."""
 
 from __future__ import annotations
 
 import datetime as dt
 import re
+import time
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from mitmproxy.test import tflow
 
-from keygate.usage import iso_ms, new_request_id, request_id
+from keygate.usage import (
+    MAX_CLIENT_IP,
+    MAX_METHOD,
+    MAX_MODEL,
+    MAX_PATH,
+    bounded,
+    build_record,
+    iso_ms,
+    new_request_id,
+    request_id,
+)
+from keygate.usagelog import encode
 
 
 def reference(ts: float) -> str:
@@ -47,3 +59,53 @@ def test_a_flow_keeps_the_request_id_it_was_first_given():
     assert request_id(f) == first == f.metadata["keygate.id"]
     f.metadata["keygate.id"] = "req_set_elsewhere"
     assert request_id(f) == "req_set_elsewhere"
+
+
+# --------------------------------------------------------------------------- the record
+
+
+def test_bounded_cuts_long_strings_and_marks_the_cut():
+    assert bounded("abc", 3) == "abc"
+    assert bounded("abcdef", 3) == "abc...[3 chars cut]"
+    assert bounded("é" * 600_000, 4) == "éééé...[599996 chars cut]"
+    assert bounded(None, 3) is None and bounded(12345, 1) == 12345
+
+
+def record_with(path: str, method: bytes = b"POST", model: str | None = "m",
+                client_ip: str = "127.0.0.1") -> dict:
+    f = tflow.tflow(resp=True)
+    f.request.data.method = method
+    f.metadata.update({"keygate.id": "req_x", "keygate.path": path, "keygate.model": model,
+                       "keygate.upstream_model": model, "keygate.client_ip": client_ip})
+    return build_record(f, time.time())
+
+
+def test_a_line_stays_small_whatever_a_client_sends():
+    """A usage line held the path in full: eight 600 KB paths rotated a 1 MB log (SPEC 6)."""
+    rec = record_with("/" + "a" * 600_000, b"X" * 70_000, "m" * 600_000, "f" * 1000)
+    assert rec["path"] == "/" + "a" * (MAX_PATH - 1) + "...[599489 chars cut]"
+    assert rec["method"] == "X" * MAX_METHOD + f"...[{70_000 - MAX_METHOD} chars cut]"
+    assert rec["model"] == rec["upstream_model"] == "m" * MAX_MODEL + "...[599744 chars cut]"
+    assert rec["client_ip"].startswith("f" * MAX_CLIENT_IP + "...[")
+    assert len(encode(rec)) < 2048
+    # The worst a character can do: JSON escapes a control character in 6 bytes.
+    worst = record_with("\x01" * 10_000, b"\x01" * 10_000, "\x01" * 10_000, "\x01" * 10_000)
+    assert len(encode(worst)) < 8192
+
+
+def test_usual_values_are_kept_as_they_came():
+    path = "/api/blobs/sha256:" + "0" * 64
+    model = "hf.co/bartowski/Llama-3.2-3B-Instruct-GGUF:Q4_K_M"
+    rec = record_with(path, b"post", model, "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff")
+    assert (rec["path"], rec["method"], rec["model"], rec["client_ip"]) == (
+        path, "post", model, "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff")
+
+
+def test_every_line_says_whether_its_tokens_are_estimated():
+    assert record_with("/api/chat")["tokens_estimated"] is False
+    f = tflow.tflow(resp=True)
+    f.metadata.update({"keygate.tokens_estimated": True, "keygate.completion_tokens": 7,
+                       "keygate.total_tokens": 7})
+    rec = build_record(f, time.time())
+    assert (rec["tokens_estimated"], rec["completion_tokens"], rec["total_tokens"]) == (
+        True, 7, 7)

@@ -352,6 +352,109 @@ def test_checkpoint_hook_runs_periodically_and_its_errors_are_contained(tmp_path
     assert "checkpoint failed: boom" in caplog.text
 
 
+# --------------------------------------------------------------------------- rotation hook
+#
+# Rotation changes no quota: it runs through the ledger's hook, which counts the files it
+# drops before they go (here: a hook that records what it was handed).
+
+
+def recording_hook(calls: list):
+    def rotate(path, keep, dropped, renames):
+        # What a dropped file holds when the hook gets it: it still exists, whole.
+        calls.append((path, keep, {d.name: ids_in([d]) for d in dropped}))
+        for d in dropped:
+            d.unlink()
+        renames()
+    return rotate
+
+
+def test_rotation_runs_through_the_hook_with_the_files_it_drops(tmp_path):
+    p = tmp_path / "usage.jsonl"
+    calls: list = []
+    w = UsageWriter(p, len(encode(rec(0))) * 2, 2, rotate=recording_hook(calls))
+    for i in range(8):
+        w.write(rec(i))
+    w.close()
+    assert [c[2] for c in calls] == [
+        {}, {},  # .1, then .2 made
+        {"usage.jsonl.2": ["req_00000000", "req_00000001"]},
+    ]
+    assert all(c[:2] == (p, 2) for c in calls)
+    # Every line is either still on disk or was handed over before it was deleted.
+    assert ids_in(log_files(p, 2)) == [f"req_{i:08d}" for i in range(2, 8)]
+
+
+def test_the_hook_gets_files_left_by_a_larger_keep_and_keep_zero(tmp_path):
+    p = tmp_path / "usage.jsonl"
+    for k in range(1, 5):
+        rotated_name(p, k).write_bytes(encode(rec(100 + k)))
+    p.write_bytes(encode(rec(0)))
+    calls: list = []
+    f = LogFile(Target(p, len(encode(rec(0))) + 1, 2),
+                rotate=lambda dropped, renames: recording_hook(calls)(p, 2, dropped, renames))
+    f.append(deque([encode(rec(1))]))
+    f.close()
+    assert calls[0][2] == {"usage.jsonl.3": ["req_00000103"], "usage.jsonl.4": ["req_00000104"],
+                           "usage.jsonl.2": ["req_00000102"]}
+    assert ids_in([rotated_name(p, 2), rotated_name(p, 1), p]) == [
+        "req_00000101", "req_00000000", "req_00000001"]
+    q = tmp_path / "zero.jsonl"
+    calls.clear()
+    w = UsageWriter(q, len(encode(rec(0))), 0, rotate=recording_hook(calls))
+    for i in range(3):
+        w.write(rec(i))
+    w.close()
+    assert [c[2] for c in calls] == [{"zero.jsonl": ["req_00000000"]},
+                                     {"zero.jsonl": ["req_00000001"]}]
+
+
+def test_a_torn_line_is_ended_before_its_file_rotates(tmp_path):
+    # The ledger counts a file up to its last newline: a rotated file ends with one.
+    p = tmp_path / "usage.jsonl"
+    whole = encode(rec(0))
+    p.write_bytes(whole + whole[:-1])  # a crash left the last line without its newline
+    w = UsageWriter(p, len(whole) * 2, 3)
+    w.write(rec(1))
+    w.close()
+    assert rotated_name(p, 1).read_bytes() == whole + whole[:-1] + b"\n"
+    assert ids_in([p]) == ["req_00000001"]
+
+
+def test_a_failing_hook_still_rotates_once(tmp_path, caplog):
+    p = tmp_path / "usage.jsonl"
+    calls = []
+
+    def broken(path, keep, dropped, renames):
+        calls.append(len(dropped))
+        if len(calls) % 2:
+            renames()  # a bug after the renames: they must not happen twice
+        raise RuntimeError("ledger bug")
+
+    w = UsageWriter(p, len(encode(rec(0))), 1, rotate=broken)
+    for i in range(4):
+        w.write(rec(i))
+    w.close()
+    assert calls == [0, 1, 1]
+    assert ids_in([rotated_name(p, 1), p]) == ["req_00000002", "req_00000003"]
+    assert "failed in a rotation (ledger bug); the counts of usage.jsonl.1" in caplog.text
+
+
+def test_without_a_hook_the_checkpoint_counts_a_file_before_it_goes(tmp_path):
+    p = tmp_path / "usage.jsonl"
+    seen: list = []
+
+    def checkpoint(path, keep):
+        seen.append(sorted(x.name for x in tmp_path.iterdir()))
+
+    w = UsageWriter(p, len(encode(rec(0))), 1, checkpoint=checkpoint, checkpoint_interval=60)
+    for i in range(3):
+        w.write(rec(i))
+    w.close()
+    # Before .1 (req 0) was dropped for req 1's file, a checkpoint saw it.
+    assert ["usage.jsonl", "usage.jsonl.1"] in seen
+    assert ids_in([rotated_name(p, 1), p]) == ["req_00000001", "req_00000002"]
+
+
 FOLLOWER = r"""
 import os, sys, time
 path, out, stop = sys.argv[1:4]

@@ -1,27 +1,48 @@
 """Per-key counters derived from the usage log (SPEC 6, 7): they feed the quotas.
 
-The log is the source of truth. `Ledger.load` rebuilds the counters from the live file and
-its rotated files; `Ledger.add` keeps them current in memory as requests finish.
+The log is the source of truth. `Ledger.load` rebuilds the counters from the live file, its
+rotated files and what rotation deleted; `Ledger.add` keeps them current in memory as
+requests finish.
 
-Counting 1,000,000 log lines costs seconds, so a sidecar cache `<usage_log>.ledger` keeps
-the summary of what was already counted, per file:
+Counting 1,000,000 log lines costs seconds, so a sidecar `<usage_log>.ledger` keeps the
+summary of what was already counted, per file:
 
 - a file is known by the digest of its first line (request ids make it unique, and
   rotation renames files without touching their content, so `usage.jsonl` and, later,
   `usage.jsonl.3` have the same first line);
 - its summary covers bytes [0, offset) at a line boundary, validated by the digest of the
-  bytes just before offset, so a truncated, replaced or rewritten file is recounted;
+  bytes just before offset, so a truncated or rewritten file is recounted;
 - at load every file is summarised from its valid cache entry plus a scan of the bytes the
   entry does not cover (for a rotated file usually none, for the live file the last
-  seconds). A missing, stale or corrupt sidecar only costs time.
+  seconds).
+
+Rotation must not change a quota (SPEC 6): a client that makes the log rotate fast must
+not make keygate forget what a key used. So the sidecar also carries the "retired" tally:
+the counts of every log file that is gone. The writer hands each rotation to
+`Ledger.rotate`, which, under a lock, counts the files it drops to their end in the
+sidecar, deletes them, renames the others, then moves the dropped files' summaries into
+the retired tally. A summary in the sidecar whose file no longer exists counts as retired
+at the next load (a crash between the deletion and the sidecar write). Hence:
+
+- counters = retired + every log file on disk (`usage.jsonl` and every `usage.jsonl.N`,
+  whatever `keep` says now), and `tokens_total` is the key's lifetime, not what the kept
+  files hold; day and month counters of deleted files are carried the same way;
+- for the files on disk the sidecar is only a cache (a stale or corrupt one costs time);
+  the retired tally exists nowhere else. Deleting `usage.jsonl.ledger` forgets the counts
+  of deleted files. To really reset counters, an operator stops keygate and deletes the
+  log files AND `usage.jsonl.ledger`; deleting the log files alone carries their counts
+  forward, like a rotation.
 
 The sidecar only ever states what was read back from the files, and it is replaced
-atomically (tmp + os.replace), so after a kill -9 at any moment the counters still equal a
-full recount of the log. It is written by `Ledger.load` and `Ledger.checkpoint`; the usage
-writer calls the latter from its thread (after a rotation, every few seconds, on close).
+atomically (tmp + os.replace), so after a kill -9 at any moment the counters still equal
+the retired tally plus a full recount of the files. Every read-count-write of it, and
+every rotation, holds an flock on `<usage_log>.ledger.lock`: `scripts/keys list` counts the
+same log from another process while the gateway writes it, and must never see a
+rotation half done (a file missed would be taken for deleted and counted twice).
 
 Memory stays bounded: day counters are kept only for the newest `window_days` days seen
-(today and yesterday are what quotas need), plus a lifetime token total per key.
+(today and yesterday are what quotas need), month counters for the newest month and the
+one before, plus a lifetime token total per key.
 """
 
 from __future__ import annotations
@@ -32,6 +53,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, timedelta
 from functools import cached_property
@@ -39,6 +62,11 @@ from pathlib import Path
 from typing import Any, BinaryIO, Mapping
 
 from .usagelog import log_files, parse_line, read_log
+
+try:
+    import fcntl
+except ImportError:  # (not on Windows: there a second process may see a rotation midway)
+    fcntl = None
 
 log = logging.getLogger("keygate")
 
@@ -48,8 +76,10 @@ REFUSED = frozenset({
     "gateway_unavailable", "request_timeout",
 })
 WINDOW_DAYS = 3
-SIDECAR_VERSION = 1
-HEAD_MAX = 1 << 16  # a first line longer than this leaves the file uncached (never happens)
+# Version 2 adds the retired tally and month counters. A version 1 sidecar (no retired
+# counts, no months) is ignored and replaced; a newer one is left alone.
+SIDECAR_VERSION = 2
+HEAD_MAX = 1 << 16  # a first line longer than this is known by its first HEAD_MAX bytes
 TAIL_BYTES = 4096  # ~10 lines, request ids included
 
 
@@ -77,17 +107,40 @@ def tokens_of(record: dict) -> int:
     return t if type(t) is int and t > 0 else 0
 
 
+def _count(periods: dict[str, dict[str, list[int]]], period: str, key: str, requests: int,
+           tokens: int) -> None:
+    per_key = periods.get(period)
+    if per_key is None:
+        per_key = periods[period] = {}
+    c = per_key.get(key)
+    if c is None:
+        per_key[key] = [requests, tokens]
+    else:
+        c[0] += requests
+        c[1] += tokens
+
+
+def month_before(month: str) -> str:
+    """"YYYY-MM" of the month before `month` ("YYYY-MM")."""
+    y, m = int(month[:4]), int(month[5:7])
+    return f"{y - 1:04d}-12" if m == 1 else f"{y:04d}-{m - 1:02d}"
+
+
 class Tally:
     """Counters of the records that count, fed in log order. Not thread-safe.
 
     Keeps per-(day, key) [requests, tokens] for days >= horizon = newest day seen minus
-    (window - 1), and lifetime tokens per key. For every day >= the final horizon the
-    counters equal a full recount, whatever the order of records, and `merge` of the
-    tallies of consecutive pieces of a log equals the tally of the whole (the horizon
-    only moves forward, so nothing dropped early was still needed).
+    (window - 1), per-(month, key) counts for months >= the month before the newest day's,
+    and lifetime tokens per key. A month's count is `months` (the days already out of the
+    day window, folded in as they leave it, and records that came too late for it) plus
+    its days still in the window: the hot path counts a record once, by its day. For every
+    day and month kept the counters equal a full recount, whatever the order of records,
+    and `merge` of the tallies of pieces of a log, in any order, equals the tally of the
+    whole (the horizons only move forward, so nothing dropped early was still needed).
     """
 
-    __slots__ = ("window", "newest", "horizon", "totals", "days", "_valid")
+    __slots__ = ("window", "newest", "horizon", "month_horizon", "totals", "days", "months",
+                 "_valid")
 
     def __init__(self, window: int = WINDOW_DAYS) -> None:
         if window < 1:
@@ -95,8 +148,10 @@ class Tally:
         self.window = window
         self.newest = ""
         self.horizon = ""
+        self.month_horizon = ""
         self.totals: dict[str, int] = {}
         self.days: dict[str, dict[str, list[int]]] = {}
+        self.months: dict[str, dict[str, list[int]]] = {}  # days out of the window only
         self._valid: set[str] = set()  # days already checked by day_of
 
     def add(self, record: dict) -> None:
@@ -121,6 +176,9 @@ class Tally:
         if day > self.newest:
             self._advance(day)
         elif day < self.horizon:
+            # Too late for its day (a long stream logged days after it began): its month.
+            if day[:7] >= self.month_horizon:
+                _count(self.months, day[:7], key, 1, tokens)
             return
         per_key = self.days.get(day)
         if per_key is None:
@@ -135,28 +193,36 @@ class Tally:
     def _advance(self, day: str) -> None:
         self.newest = day
         self.horizon = (date.fromisoformat(day) - timedelta(days=self.window - 1)).isoformat()
+        self.month_horizon = month_before(day[:7])
         for d in [d for d in self.days if d < self.horizon]:
+            if d[:7] >= self.month_horizon:
+                for k, (r, t) in self.days[d].items():
+                    _count(self.months, d[:7], k, r, t)
             del self.days[d]
+        for m in [m for m in self.months if m < self.month_horizon]:
+            del self.months[m]
         self._valid = {d for d in self._valid if d >= self.horizon}
 
     def merge(self, other: Tally) -> None:
-        """Add `other`, the tally of what follows in the log. `other` is not changed."""
+        """Add `other`, the tally of other lines of the log. `other` is not changed."""
         totals = self.totals
         for k, v in other.totals.items():
             totals[k] = totals.get(k, 0) + v
         if other.newest > self.newest:
             self._advance(other.newest)
         for day, theirs in other.days.items():
-            if day < self.horizon:
+            if day >= self.horizon:
+                into, period = self.days, day
+            elif day[:7] >= self.month_horizon:
+                into, period = self.months, day[:7]
+            else:
                 continue
-            mine = self.days.setdefault(day, {})
             for k, (r, t) in theirs.items():
-                c = mine.get(k)
-                if c is None:
-                    mine[k] = [r, t]
-                else:
-                    c[0] += r
-                    c[1] += t
+                _count(into, period, k, r, t)
+        for month, theirs in other.months.items():
+            if month >= self.month_horizon:
+                for k, (r, t) in theirs.items():
+                    _count(self.months, month, k, r, t)
 
     def copy(self) -> Tally:
         new = Tally(self.window)
@@ -169,37 +235,73 @@ class Tally:
     def tokens_on(self, key: str, day: str) -> int:
         return self.days.get(day, {}).get(key, (0, 0))[1]
 
+    def in_month(self, key: str, month: str) -> tuple[int, int]:
+        """(requests, tokens) of `key` in "YYYY-MM": folded days plus those in the window."""
+        r, t = self.months.get(month, {}).get(key, (0, 0))
+        for day, per_key in self.days.items():
+            if day.startswith(month):
+                c = per_key.get(key)
+                if c is not None:
+                    r, t = r + c[0], t + c[1]
+        return r, t
+
+    def requests_in_month(self, key: str, month: str) -> int:
+        return self.in_month(key, month)[0]
+
+    def tokens_in_month(self, key: str, month: str) -> int:
+        return self.in_month(key, month)[1]
+
     def snapshot(self) -> tuple[dict[str, int], dict[tuple[str, str], tuple[int, int]]]:
         return (dict(self.totals), {(k, d): (c[0], c[1]) for d, pk in self.days.items()
                                     for k, c in pk.items()})
 
+    def month_snapshot(self) -> dict[tuple[str, str], tuple[int, int]]:
+        out: dict[tuple[str, str], tuple[int, int]] = {}
+        for periods, month_of in ((self.months, str), (self.days, lambda d: d[:7])):
+            for period, per_key in periods.items():
+                for k, (r, t) in per_key.items():
+                    km = (k, month_of(period))
+                    r0, t0 = out.get(km, (0, 0))
+                    out[km] = (r0 + r, t0 + t)
+        return out
+
     def to_json(self) -> dict:
-        return {"newest": self.newest, "totals": self.totals, "days": self.days}
+        return {"newest": self.newest, "totals": self.totals, "days": self.days,
+                "months": self.months}
 
     @classmethod
     def from_json(cls, doc: Any, window: int) -> Tally:
         """Inverse of to_json; ValueError on anything malformed."""
         new = cls(window)
-        newest, totals, days = doc["newest"], doc["totals"], doc["days"]
+        newest, totals, days, months = doc["newest"], doc["totals"], doc["days"], doc["months"]
         if type(newest) is not str or (newest and day_of(newest) is None):
             raise ValueError("bad newest day")
         if not isinstance(totals, dict) or not all(
                 type(k) is str and type(v) is int for k, v in totals.items()):
             raise ValueError("bad totals")
-        if not isinstance(days, dict):
-            raise ValueError("bad days")
-        for day, per_key in days.items():
-            if day_of(day) is None or not isinstance(per_key, dict):
-                raise ValueError(f"bad day {day!r}")
-            for k, c in per_key.items():
-                if (type(k) is not str or not isinstance(c, list) or len(c) != 2
-                        or not all(type(x) is int for x in c)):
-                    raise ValueError(f"bad counter for {k!r} on {day}")
+        for what, periods, valid in (("day", days, day_of),
+                                     ("month", months, lambda m: day_of(f"{m}-01"))):
+            if not isinstance(periods, dict):
+                raise ValueError(f"bad {what}s")
+            for period, per_key in periods.items():
+                if (type(period) is not str or len(period) != (10 if what == "day" else 7)
+                        or valid(period) is None or not isinstance(per_key, dict)):
+                    raise ValueError(f"bad {what} {period!r}")
+                for k, c in per_key.items():
+                    if (type(k) is not str or not isinstance(c, list) or len(c) != 2
+                            or not all(type(x) is int for x in c)):
+                        raise ValueError(f"bad counter for {k!r} in {period}")
         if newest:
             new._advance(newest)
         new.totals = dict(totals)
-        new.days = {d: {k: list(c) for k, c in pk.items()} for d, pk in days.items()
-                    if d >= new.horizon}
+        new.months = {m: {k: list(c) for k, c in pk.items()} for m, pk in months.items()
+                      if m >= new.month_horizon}
+        for d, pk in days.items():
+            if d >= new.horizon:  # (older days only where the writer's window was wider)
+                new.days[d] = {k: list(c) for k, c in pk.items()}
+            elif d[:7] >= new.month_horizon:
+                for k, (r, t) in pk.items():
+                    _count(new.months, d[:7], k, r, t)
         return new
 
 
@@ -211,7 +313,7 @@ class Segment:
     """What bytes [0, offset) of one log file hold. The tally is never changed once the
     segment exists (a longer segment gets a new tally)."""
 
-    head: str  # digest of the file's first line: identifies the file across renames
+    head: str  # digest of the file's first line (_head): identifies it across renames
     offset: int  # covered bytes, ending at a line boundary
     tail: str  # digest of the TAIL_BYTES before offset: the file still has what was counted
     bad: int  # garbage lines in the covered bytes
@@ -253,9 +355,14 @@ def _digest(data: bytes) -> str:
 
 
 def _head(f: BinaryIO) -> str | None:
+    """The file's identity: the digest of its first line, or of its first HEAD_MAX bytes
+    when that line is longer (they hold its request id just as well, and never change
+    once written); None while it has no complete line."""
     data = os.pread(f.fileno(), HEAD_MAX, 0)
     nl = data.find(b"\n")
-    return _digest(data[:nl + 1]) if nl >= 0 else None
+    if nl >= 0:
+        return _digest(data[:nl + 1])
+    return _digest(data) if len(data) == HEAD_MAX else None
 
 
 def _tail(f: BinaryIO, offset: int) -> str:
@@ -303,26 +410,74 @@ def sidecar_path(log_path: Path) -> Path:
     return log_path.with_name(log_path.name + ".ledger")
 
 
-def read_sidecar(path: Path, window: int) -> dict[str, Segment]:
-    """The cached segments by head; {} (with a warning) if the file is unusable."""
+def lock_path(sidecar: Path) -> Path:
+    return sidecar.with_name(sidecar.name + ".lock")
+
+
+@dataclass
+class Retired:
+    """The counts of log files that are gone (rotation deleted them), carried forward."""
+
+    tally: Tally
+    files: int = 0  # how many files (for diagnostics)
+
+    def to_json(self) -> dict:
+        return {"files": self.files, **self.tally.to_json()}
+
+    @classmethod
+    def from_json(cls, doc: Any, window: int) -> Retired:
+        files = doc["files"]
+        if type(files) is not int or files < 0:
+            raise ValueError("bad retired files")
+        return cls(Tally.from_json(doc, window), files)
+
+
+@dataclass
+class Cache:
+    """What a sidecar holds: the segments of files on disk (by head) and the retired
+    tally. `writable` is false for a sidecar of a newer keygate, which is left alone; the
+    segments of a sidecar of another window are not `reusable` for the files on disk (their
+    day counters cover other days), only carried forward when their file is gone."""
+
+    segments: dict[str, Segment]
+    retired: Retired
+    writable: bool = True
+    reusable: bool = True
+
+
+def read_sidecar(path: Path, window: int) -> Cache:
+    """The sidecar's content; an empty cache (with a warning) if the file is unusable.
+
+    A sidecar of another window still gives its retired tally and, for files that are
+    gone, its segments (they exist nowhere else), read with this window."""
+    empty = Cache({}, Retired(Tally(window)))
     try:
         doc = json.loads(path.read_bytes())
-        if doc.get("version") != SIDECAR_VERSION or doc.get("window_days") != window:
-            return {}
+        version = doc.get("version")
+        if type(version) is not int or version > SIDECAR_VERSION:
+            log.warning("keygate: usage ledger %s was written by a newer keygate (version "
+                        "%r); counting the log without it and leaving it as it is", path,
+                        version)
+            empty.writable = False
+            return empty
+        if version < SIDECAR_VERSION:
+            return empty  # nothing retired before version 2; its segments have no months
+        retired = Retired.from_json(doc["retired"], window)
         segments = [Segment.from_json(s, window) for s in doc["files"]]
     except FileNotFoundError:
-        return {}
+        return empty
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-        log.warning("keygate: ignoring usage ledger cache %s (%s); counting the log again",
-                    path, e)
-        return {}
-    return {s.head: s for s in segments}
+        log.warning("keygate: ignoring usage ledger %s (%s); counting the log again, without "
+                    "the counts of deleted log files it may have held", path, e)
+        return empty
+    return Cache({s.head: s for s in segments}, retired,
+                 reusable=doc.get("window_days") == window)
 
 
-def write_sidecar(path: Path, segments: list[Segment], window: int) -> None:
+def write_sidecar(path: Path, segments: list[Segment], retired_text: str, window: int) -> None:
     """Replace the sidecar atomically: a reader sees the old or the new one, never a mix."""
-    text = (f'{{"version":{SIDECAR_VERSION},"window_days":{window},"files":['
-            + ",".join(s.json_text for s in segments) + "]}")
+    text = (f'{{"version":{SIDECAR_VERSION},"window_days":{window},"retired":{retired_text},'
+            f'"files":[' + ",".join(s.json_text for s in segments) + "]}")
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_bytes(text.encode("utf-8", "backslashreplace"))
@@ -330,6 +485,30 @@ def write_sidecar(path: Path, segments: list[Segment], window: int) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def sidecar_lock(sidecar: Path) -> Iterator[None]:
+    """Hold the exclusive flock of `<sidecar>.lock` (blocking; off the event loop only).
+
+    Another process counting the same log (`scripts/keys list`) or another Ledger of this
+    process (a reload) waits: no count reads the files while a rotation renames them (a
+    file missed would be taken for deleted), and none deletes a file between another's
+    reading of the sidecar and its survey. Where the lock file cannot be made (a folder
+    not there yet, or read-only) there is no sidecar to protect."""
+    if fcntl is None:
+        yield
+        return
+    try:
+        fd = os.open(lock_path(sidecar), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # (releases the lock)
 
 
 # --------------------------------------------------------------------------- the ledger
@@ -342,18 +521,24 @@ class LoadStats:
     scanned_bytes: int
     bad_lines: int
     seconds: float
+    retired_files: int = 0  # log files gone before this load whose counts were carried
 
 
 class Ledger:
     """Per-key counters for quotas. `add` and the queries run on the event loop;
-    `checkpoint` may run on another thread (it touches only the cache state)."""
+    `checkpoint` and `rotate` run on the writer's thread (they touch only the cache state,
+    under a lock)."""
 
     def __init__(self, window_days: int = WINDOW_DAYS) -> None:
         self._tally = Tally(window_days)
         self._window = window_days
         self._log_path: Path | None = None
-        self._keep = 0
         self._segments: dict[str, Segment] = {}
+        self._retired = Retired(Tally(window_days))
+        self._retired_text = json.dumps(self._retired.to_json(), separators=(",", ":"))
+        self._writable = True
+        self._reusable = True
+        self._unsaved = False  # the last sidecar write failed
         self._lock = threading.Lock()
         self.stats: LoadStats | None = None
 
@@ -368,8 +553,16 @@ class Ledger:
     def tokens_on(self, key: str, day: str) -> int:
         return self._tally.tokens_on(key, day)
 
+    def requests_in_month(self, key: str, month: str) -> int:
+        """Requests of `key` in UTC month "YYYY-MM"; 0 for months before the previous one."""
+        return self._tally.requests_in_month(key, month)
+
+    def tokens_in_month(self, key: str, month: str) -> int:
+        return self._tally.tokens_in_month(key, month)
+
     def tokens_total(self, key: str) -> int:
-        """Lifetime tokens of `key`, as far as the kept log files go back."""
+        """Lifetime tokens of `key`: the log files on disk and every one rotation deleted
+        (carried in the sidecar), not only what the kept files hold."""
         return self._tally.totals.get(key, 0)
 
     def snapshot(self) -> tuple[dict[str, int], dict[tuple[str, str], tuple[int, int]]]:
@@ -377,57 +570,140 @@ class Ledger:
         for tests and diagnostics."""
         return self._tally.snapshot()
 
+    def month_snapshot(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """{(key, "YYYY-MM"): (requests, tokens)} for the months kept."""
+        return self._tally.month_snapshot()
+
     @classmethod
-    def load(cls, log_path: Path, keep: int, *, window_days: int = WINDOW_DAYS,
+    def load(cls, log_path: Path, keep: int | None = None, *, window_days: int = WINDOW_DAYS,
              use_cache: bool = True) -> Ledger:
-        """Rebuild from `log_path` and `log_path.1` .. `.keep` (missing files are empty),
-        using and refreshing the sidecar cache unless `use_cache` is false."""
+        """Rebuild from the retired tally of the sidecar, `log_path` and every
+        `log_path.N` present, refreshing the sidecar. `keep` is not needed to find the
+        files: one beyond it is still counted until a rotation retires it. With
+        `use_cache` false: a recount of the files alone, the sidecar neither read nor
+        written (what was deleted is then not counted)."""
         t0 = time.perf_counter()
         log_path = Path(log_path)
         ledger = cls(window_days)
-        ledger._log_path, ledger._keep = log_path, keep
-        known = {}
+        ledger._log_path = log_path
+        retired_before = 0
         if use_cache:
-            _remove_stale_temps(sidecar_path(log_path))
-            known = read_sidecar(sidecar_path(log_path), window_days)
-        summaries = _survey(log_path, keep, known, window_days)
+            sidecar = sidecar_path(log_path)
+            with ledger._lock, sidecar_lock(sidecar):
+                _remove_stale_temps(sidecar)
+                ledger._use(read_sidecar(sidecar, window_days))
+                retired_before = ledger._retired.files
+                summaries = _survey(log_path, ledger._known(), window_days)
+                ledger._store(summaries)
+            ledger._tally.merge(ledger._retired.tally)
+        else:
+            summaries = _survey(log_path, {}, window_days)
         for s in summaries:
             ledger._tally.merge(s.tally)
-        if use_cache:
-            ledger._store(summaries, known)
         bad = sum(s.bad for s in summaries)
         if bad:
             log.warning("keygate: usage log %s: skipped %d lines that are not JSON records",
                         log_path, bad)
         ledger.stats = LoadStats(len(summaries), sum(s.reused for s in summaries),
                                  sum(s.scanned for s in summaries), bad,
-                                 time.perf_counter() - t0)
+                                 time.perf_counter() - t0,
+                                 ledger._retired.files - retired_before)
         return ledger
 
     def checkpoint(self, log_path: Path | None = None, keep: int | None = None) -> None:
         """Bring the sidecar up to date with the log files (not with `add`: only what is
-        on disk is ever cached). Blocking file I/O: call it off the event loop."""
+        on disk is ever cached), following the writer to a new `log_path`. (`keep`, of
+        the writer's hook, is not needed: every numbered file is read.) Blocking file
+        I/O: call it off the event loop."""
         with self._lock:
-            if log_path is not None and Path(log_path) != self._log_path:
-                self._log_path = Path(log_path)
-                self._segments = read_sidecar(sidecar_path(self._log_path), self._window)
-            if keep is not None:
-                self._keep = keep
+            self._follow(log_path)
             if self._log_path is None:
                 return
-            self._store(_survey(self._log_path, self._keep, self._segments, self._window),
-                        self._segments)
+            with sidecar_lock(sidecar_path(self._log_path)):
+                self._store(_survey(self._log_path, self._known(), self._window))
 
-    def _store(self, summaries: list[FileSummary], known: Mapping[str, Segment]) -> None:
+    def rotate(self, log_path: Path, keep: int, dropped: list[Path],
+               renames: Callable[[], None]) -> None:
+        """Carry out one rotation of the log so that it changes no count (writer thread).
+
+        Under the lock: count the files in `dropped` to their end in the sidecar, delete
+        them, call `renames` (the rest of the rotation), then move their summaries to the
+        retired tally in the sidecar. A crash anywhere in between leaves a sidecar that the
+        next load reads right: a summary whose file is gone counts as retired. Counting
+        that fails (a sidecar that cannot be written) is logged and the rotation goes on:
+        the log must not grow past its size; the counts in memory stay right."""
+        with self._lock:
+            self._follow(log_path)
+            with sidecar_lock(sidecar_path(self._log_path)):
+                if dropped:
+                    try:
+                        if not self._store(_survey(self._log_path, self._known(),
+                                                   self._window)):
+                            raise OSError("the sidecar was not written")
+                    except Exception as e:
+                        log.error("keygate: usage ledger: cannot count %s before rotation "
+                                  "deletes it (%s); a restart will not count its lines",
+                                  ", ".join(p.name for p in dropped), e)
+                    for p in dropped:
+                        p.unlink(missing_ok=True)
+                renames()
+                if dropped:
+                    try:
+                        self._store(_survey(self._log_path, self._known(), self._window))
+                    except Exception as e:  # the next checkpoint or load retires them
+                        log.warning("keygate: usage ledger checkpoint after rotation failed: "
+                                    "%s", e)
+
+    def _follow(self, log_path: Path | None) -> None:
+        """Switch to another log path (the writer was reconfigured): its own sidecar."""
+        if log_path is not None and Path(log_path) != self._log_path:
+            self._log_path = Path(log_path)
+            with sidecar_lock(sidecar_path(self._log_path)):
+                self._use(read_sidecar(sidecar_path(self._log_path), self._window))
+
+    def _use(self, cache: Cache) -> None:
+        self._segments = cache.segments
+        self._reusable = cache.reusable
+        self._retired = cache.retired
+        self._retired_text = json.dumps(cache.retired.to_json(), separators=(",", ":"),
+                                        ensure_ascii=False)
+        self._writable = cache.writable
+
+    def _known(self) -> Mapping[str, Segment]:
+        """The segments a survey may take as counted."""
+        return self._segments if self._reusable else {}
+
+    def _store(self, summaries: list[FileSummary]) -> bool:
+        """Make `summaries` (of every file on disk) the cached state: the segments of files
+        no longer there join the retired tally. Writes the sidecar if anything changed;
+        returns whether the sidecar on disk now says what the cached state does."""
         segments = {s.segment.head: s.segment for s in summaries if s.segment is not None}
+        gone = [seg for head, seg in self._segments.items() if head not in segments]
+        changed = bool(gone) or self._unsaved or (
+            {h: s.offset for h, s in segments.items()}
+            != {h: s.offset for h, s in self._segments.items()})
+        if gone:
+            tally = self._retired.tally.copy()
+            for seg in gone:
+                tally.merge(seg.tally)
+            self._retired = Retired(tally, self._retired.files + len(gone))
+            self._retired_text = json.dumps(self._retired.to_json(), separators=(",", ":"),
+                                            ensure_ascii=False)
         self._segments = segments
-        if {h: s.offset for h, s in segments.items()} == {h: s.offset for h, s in known.items()}:
-            return
+        self._reusable = True
+        if not changed:
+            return True
+        if not self._writable:
+            return False
         path = sidecar_path(self._log_path)
         try:
-            write_sidecar(path, list(segments.values()), self._window)
+            write_sidecar(path, list(segments.values()), self._retired_text, self._window)
         except OSError as e:
-            log.warning("keygate: cannot write usage ledger cache %s: %s", path, e)
+            log.warning("keygate: cannot write usage ledger %s: %s", path, e)
+            self._unsaved = True
+            return False
+        self._unsaved = False
+        return True
 
 
 def _remove_stale_temps(sidecar: Path) -> None:
@@ -453,7 +729,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _survey(log_path: Path, keep: int, known: Mapping[str, Segment],
-            window: int) -> list[FileSummary]:
-    summaries = (summarize(p, known, window) for p in log_files(log_path, keep))
+def _survey(log_path: Path, known: Mapping[str, Segment], window: int) -> list[FileSummary]:
+    """Every file of the log on disk, oldest first: every `log_path.N` present (those
+    beyond `keep` too: they count until a rotation retires them), then the live file."""
+    summaries = (summarize(p, known, window) for p in log_files(log_path))
     return [s for s in summaries if s is not None]

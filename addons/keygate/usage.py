@@ -5,6 +5,11 @@ chunk of a stream), or in the error hook when the upstream broke or the client l
 flow gets exactly one of the two hooks from mitmproxy; `keygate.logged` makes doubly sure.
 Writing is queued to `UsageWriter`'s thread; the per-key counters in `Ledger` are updated
 here, in memory, from the same record, so quotas see what the log says.
+
+What a client chooses (method, path, model name) is cut to a bound in the line (`bounded`),
+so no client, with a key or without, can make lines big enough to rotate the log at will.
+Rotation changes no quota anyway: the writer rotates through `Ledger.rotate`, which
+carries the counts of the files it deletes forward (see ledger.py).
 """
 
 from __future__ import annotations
@@ -103,6 +108,25 @@ def mitmproxy_ended(flow: http.HTTPFlow) -> tuple[int, str | None] | None:
     return None
 
 
+# Bounds, in characters, of the strings a client chooses (SPEC 6): a line must stay small
+# whatever a client sends, or a client without a key could fill the disk with a few huge
+# paths and make rotation cycle through the log. The longest real values (a blob digest
+# path, a Hugging Face model name, an IPv6 address) are far below them. Even when every
+# character is one JSON escapes in 6 bytes, the client's part of a line stays under 7 KB.
+MAX_METHOD = 32
+MAX_PATH = 512
+MAX_MODEL = 256
+MAX_CLIENT_IP = 64
+
+
+def bounded(value: object, limit: int) -> object:
+    """`value` cut to `limit` characters, the cut marked with how much it took away:
+    `/api/aaaa...[599488 chars cut]`. Anything but a too long string is returned as is."""
+    if type(value) is not str or len(value) <= limit:
+        return value
+    return f"{value[:limit]}...[{len(value) - limit} chars cut]"
+
+
 def build_record(flow: http.HTTPFlow, now: float) -> dict:
     """The SPEC 6 record for a finished flow; reads only flow.metadata and the flow."""
     md = flow.metadata
@@ -137,18 +161,22 @@ def build_record(flow: http.HTTPFlow, now: float) -> dict:
         "status": status,
         "error": error,
         # As received: mitmproxy's .method is upper-cased.
-        "method": flow.request.data.method.decode("utf-8", "surrogateescape"),
-        "path": endpoints.client_path(flow),
-        "model": md.get("keygate.model"),
-        "upstream_model": md.get("keygate.upstream_model"),
+        "method": bounded(flow.request.data.method.decode("utf-8", "surrogateescape"),
+                          MAX_METHOD),
+        "path": bounded(endpoints.client_path(flow), MAX_PATH),
+        "model": bounded(md.get("keygate.model"), MAX_MODEL),
+        "upstream_model": bounded(md.get("keygate.upstream_model"), MAX_MODEL),
         "channel": md.get("keygate.channel"),
         "stream": streamed,
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": md.get("keygate.total_tokens", prompt + completion),
         "duration_ms": round((now - start) * 1000, 3),
-        "client_ip": md.get("keygate.client_ip") or _peer(flow),
+        "client_ip": bounded(md.get("keygate.client_ip") or _peer(flow), MAX_CLIENT_IP),
         "completed": completed,
+        # True when the client left (or the upstream broke off) before the upstream's counts
+        # came, and completion_tokens is keygate's count of the content it passed on.
+        "tokens_estimated": bool(md.get("keygate.tokens_estimated")),
     }
 
 
@@ -194,7 +222,8 @@ class Usage:
         for record in held:
             ledger.add(record)
         self.ledger = ledger
-        self.writer = UsageWriter(path, max_bytes, keep, checkpoint=ledger.checkpoint)
+        self.writer = UsageWriter(path, max_bytes, keep, checkpoint=ledger.checkpoint,
+                                  rotate=ledger.rotate)
         for record in held:
             self.writer.write(record)
         self.ready.set()
@@ -229,7 +258,8 @@ class Usage:
         if self.writer is None and self._held:
             # Stopped while still loading: the held lines must not be lost.
             path, max_bytes, keep = self._log_settings
-            self.writer = UsageWriter(path, max_bytes, keep)
+            # (Its rotations still carry counts forward: the ledger follows the path.)
+            self.writer = UsageWriter(path, max_bytes, keep, rotate=self.ledger.rotate)
             for record in self._held:
                 self.writer.write(record)
             self._held = None

@@ -3,7 +3,13 @@
 Format: one compact JSON object per line, UTF-8, appended to `usage.jsonl`; size-based
 rotation renames `usage.jsonl.(k)` -> `.(k+1)` and `usage.jsonl` -> `usage.jsonl.1`, so a
 `tail -F` follower loses nothing and a rotated file never changes again (the ledger's
-sidecar relies on that).
+sidecar relies on that). Every rotated file ends with a whole line.
+
+Rotation deletes the oldest file once `keep` are kept, but it changes no quota: each
+rotation is carried out through a `rotate` callback (the ledger's: it counts the files
+dropped to their end in its sidecar, deletes them, lets the renames happen and carries the
+dropped files' counts forward, all under its lock), so a client that makes the log rotate
+fast cannot make keygate forget what a key used.
 
 Failure policy: a log that cannot be written must not take the gateway down, and must not
 lose records silently. The writer keeps what it could not write in a bounded in-memory
@@ -211,9 +217,13 @@ class LogFile:
     file cut back to a line boundary; whatever it did not write stays in the deque.
     """
 
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target,
+                 rotate: Callable[[list[Path], Callable[[], None]], None] | None = None) -> None:
         self.target = target
         self.rotations = 0
+        # Carries out a rotation: deletes the files dropped, then calls the renames (see
+        # _rotate). UsageWriter's has the ledger count the dropped files before they go.
+        self._rotation = rotate or _plain_rotation
         self._fd: int | None = None
         self._at_boundary = False  # our last write succeeded, so the file ends with "\n"
 
@@ -235,24 +245,27 @@ class LogFile:
         written = 0
         while lines:
             fd, size = self._open()
-            sep = b"" if self._at_boundary or size == 0 else self._separator(fd, size)
-            room = self.target.max_bytes - size - len(sep)
+            if not self._at_boundary and size > 0 and self._torn(fd, size):
+                # Ended before our first line, and before a rotation: a rotated file ends
+                # with a whole line, so the ledger's count of it covers it to its end.
+                self._write(fd, b"\n", size)
+                size += 1
+            room = self.target.max_bytes - size
             if size > 0 and len(lines[0]) > room:
                 self._rotate()
                 continue
             # Batch what fits; a single line bigger than max_bytes still goes, alone.
             limit = max(min(batch_bytes, room), len(lines[0]))
-            parts, total = [sep] if sep else [], 0
+            parts, total = [], 0
             for line in lines:
                 if total + len(line) > limit:
                     break
                 parts.append(line)
                 total += len(line)
-            n = len(parts) - (1 if sep else 0)
             self._write(fd, b"".join(parts), size)
-            for _ in range(n):
+            for _ in range(len(parts)):
                 lines.popleft()
-            written += n
+            written += len(parts)
         return written
 
     def _open(self) -> tuple[int, int]:
@@ -281,11 +294,11 @@ class LogFile:
         self._at_boundary = False
         return fd, fst.st_size
 
-    def _separator(self, fd: int, size: int) -> bytes:
+    @staticmethod
+    def _torn(fd: int, size: int) -> bool:
         # A file that does not end with "\n" ends with a torn line (a crash, another
-        # writer): terminate it so our first line is not glued onto it.
-        last = os.pread(fd, 1, size - 1)
-        return b"" if last == b"\n" else b"\n"
+        # writer): it gets terminated so our first line is not glued onto it.
+        return os.pread(fd, 1, size - 1) != b"\n"
 
     def _write(self, fd: int, data: bytes, size: int) -> None:
         self._at_boundary = False
@@ -311,23 +324,39 @@ class LogFile:
         """usage.jsonl.(k) -> .(k+1) (dropping beyond keep), usage.jsonl -> .1.
 
         Renames only: a follower holding the old file reads it to its end, and every
-        rotated file keeps its first line, which is how the ledger sidecar knows it.
+        rotated file keeps its first line, which is how the ledger sidecar knows it. The
+        files dropped (the one the renames would replace, and any left from a larger keep)
+        are deleted first; `rotate` does both steps, so nothing is dropped uncounted.
         """
         self.close()
         path, keep = self.target.path, self.target.keep
+        dropped = []
         k = keep + 1
         while k <= keep + 1000 and rotated_name(path, k).exists():  # left from a larger keep
-            os.unlink(rotated_name(path, k))
+            dropped.append(rotated_name(path, k))
             k += 1
         if keep == 0:
-            os.unlink(path)
-        else:
-            for k in range(keep - 1, 0, -1):
-                src = rotated_name(path, k)
-                if src.exists():
-                    os.replace(src, rotated_name(path, k + 1))
-            os.replace(path, rotated_name(path, 1))
+            dropped.append(path)
+        elif rotated_name(path, keep).exists() and (
+                keep == 1 or rotated_name(path, keep - 1).exists()):
+            dropped.append(rotated_name(path, keep))  # the renames below would replace it
+
+        def renames() -> None:
+            if keep > 0:
+                for k in range(keep - 1, 0, -1):
+                    src = rotated_name(path, k)
+                    if src.exists():
+                        os.replace(src, rotated_name(path, k + 1))
+                os.replace(path, rotated_name(path, 1))
+
+        self._rotation(dropped, renames)
         self.rotations += 1
+
+
+def _plain_rotation(dropped: list[Path], renames: Callable[[], None]) -> None:
+    for p in dropped:
+        p.unlink(missing_ok=True)
+    renames()
 
 
 @dataclass(frozen=True)
@@ -341,8 +370,12 @@ class UsageWriter:
     `write` only enqueues (safe from the event loop and from any thread); the thread
     serialises, batches what is queued into one write, rotates, retries, and calls
     `checkpoint(path, keep)` (the ledger's sidecar hook) after a rotation, every
-    `checkpoint_interval` seconds while writing, and on close. Nothing here raises into
-    the caller. A record must not be changed after it is passed to `write`.
+    `checkpoint_interval` seconds while writing, and on close. Each rotation goes through
+    `rotate(path, keep, dropped, renames)`, which must delete `dropped` and call `renames`
+    (the ledger's `Ledger.rotate` counts the dropped files to their end first and carries
+    their counts forward); without it, the dropped files are deleted after a checkpoint has
+    counted them. Nothing here raises into the caller. A record must not be changed after
+    it is passed to `write`.
     """
 
     def __init__(
@@ -352,14 +385,16 @@ class UsageWriter:
         keep: int,
         *,
         checkpoint: Callable[[Path, int], None] | None = None,
+        rotate: Callable[[Path, int, list[Path], Callable[[], None]], None] | None = None,
         checkpoint_interval: float = CHECKPOINT_INTERVAL,
         retry_interval: float = RETRY_INTERVAL,
         backlog_limit: int = BACKLOG_LIMIT,
         gather: float = GATHER,
     ) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._file = LogFile(Target(Path(path), max_bytes, keep))
+        self._file = LogFile(Target(Path(path), max_bytes, keep), rotate=self._rotation)
         self._checkpoint = checkpoint
+        self._rotate = rotate
         self._checkpoint_interval = checkpoint_interval
         self._retry_interval = retry_interval
         self._backlog_limit = backlog_limit
@@ -518,6 +553,33 @@ class UsageWriter:
             self._checkpoint(self._file.target.path, self._file.target.keep)
         except Exception as e:
             log.warning("keygate: usage ledger checkpoint failed: %s", e)
+
+    def _rotation(self, dropped: list[Path], renames: Callable[[], None]) -> None:
+        """One rotation (writer thread, inside append), through the ledger's hook. Whatever
+        that hook does, the rotation happens, once: the log must not grow past its size. A
+        file system error goes up to append (the batch is retried)."""
+        target = self._file.target
+        done = False
+
+        def renames_once() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                renames()
+
+        if self._rotate is not None:
+            try:
+                self._rotate(target.path, target.keep, dropped, renames_once)
+            except OSError:
+                raise
+            except Exception as e:
+                log.error("keygate: usage ledger failed in a rotation (%s)%s", e,
+                          f"; the counts of {', '.join(p.name for p in dropped)} may not be "
+                          "carried forward" if dropped else "")
+        elif dropped and self._checkpoint is not None:
+            self._run_checkpoint()  # counted to their end before they go
+        if not done:  # (after the renames, those paths name other files)
+            _plain_rotation(dropped, renames_once)
 
     def _finish(self, stop: _Stop) -> None:
         try:
