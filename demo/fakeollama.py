@@ -58,6 +58,9 @@ the ``require_bearer`` check, on every request once its body has been read and r
 * ``fail = "cut"``: like midstream, but the connection is closed after the two steps,
   without the chunked-encoding end marker.
 * ``gate = threading.Event()``: every stream sends its first step, then waits for the event.
+* ``hold_final = threading.Event()``: every stream sends all its content steps, then waits
+  for the event before its final step (the one with the counts), so a client can leave
+  having received the whole reply but not the counts.
 * ``openai_style = "new" | "legacy"`` and ``usage_every_chunk`` choose the chat SSE variant.
 * ``byte_at_a_time = True``: streams go out one byte per HTTP chunk, so every line and
   event arrives split across chunk boundaries.
@@ -458,6 +461,7 @@ class FakeOllama:
         # Fault injection and stream style; read on every request, so set them any time.
         self.fail: str | None = None
         self.gate: threading.Event | None = None
+        self.hold_final: threading.Event | None = None
         self.openai_style = "new"  # "new" (Ollama >= 0.32.6) or "legacy"
         self.usage_every_chunk = False
         self.byte_at_a_time = False  # streams sent one byte per chunk
@@ -729,6 +733,8 @@ class FakeOllama:
                 break
             if index == 1:
                 await self._wait_gate()
+            if index == stream.count - 1:
+                await self._wait_event(self.hold_final)
             if index > 0 and self.chunk_delay > 0:
                 await asyncio.sleep(self.chunk_delay)
             if self.byte_at_a_time:
@@ -751,7 +757,9 @@ class FakeOllama:
         return keep_alive
 
     async def _wait_gate(self) -> None:
-        gate = self.gate
+        await self._wait_event(self.gate)
+
+    async def _wait_event(self, gate: threading.Event | None) -> None:
         if gate is None:
             return
         assert self._closing is not None

@@ -746,6 +746,30 @@ def test_gate_holds_stream_after_first_chunk(fake):
         conn.close()
 
 
+@pytest.mark.parametrize("path, body, last", [
+    ("/api/chat", CHAT, b'"done":true'),
+    ("/v1/messages", {**CHAT, "max_tokens": 100, "stream": True}, b"event: message_delta"),
+])
+def test_hold_final_sends_the_whole_reply_but_not_its_counts(fake, path, body, last):
+    fake.hold_final = threading.Event()
+    conn = RawConn(fake.port)
+    try:
+        conn.send("POST", path, body)
+        conn.read_head()
+        content = [conn.read_chunk() for _ in range(5)]
+        assert all(last not in c for c in content)
+        conn.sock.settimeout(0.3)
+        with pytest.raises(socket.timeout):  # the final step waits for the event
+            conn.read_chunk()
+        conn.sock.settimeout(TIMEOUT)
+        fake.hold_final.set()
+        final = conn.read_chunk()
+        assert last in final and conn.read_chunk() is None
+    finally:
+        fake.hold_final = None
+        conn.close()
+
+
 def test_chunk_delay_spaces_the_chunks(fake):
     fake.chunk_delay = 0.05
     conn = RawConn(fake.port)

@@ -164,41 +164,41 @@ def messages_stream(model="llama3.2:1b") -> bytes:
 # name -> (api, sse, alias, strip_usage, stream in, expected out, expected tally)
 SCENARIOS = {
     "native chat": ("ollama", False, None, False, native_chat(), native_chat(),
-                    Tally(26, 298, None, True, False)),
+                    Tally(26, 298, None, True, False, 2)),
     "native generate": ("ollama", False, None, False, native_generate(), native_generate(),
-                        Tally(11, 2, None, True, False)),
+                        Tally(11, 2, None, True, False, 2)),
     "native pull": ("ollama", False, None, False, native_pull(), native_pull(),
-                    Tally(0, 0, None, True, False)),
+                    Tally(0, 0, None, True, False, 3)),
     "native alias": ("ollama", False, ("qwen2.5:7b", "gpt-4o-mini"), False,
                      native_chat("qwen2.5:7b"), native_chat("gpt-4o-mini"),
-                     Tally(26, 298, None, True, False)),
+                     Tally(26, 298, None, True, False, 2)),
     "openai as sent": ("openai", True, None, False, openai_chat(), openai_chat(),
-                       Tally(10, 2, 12, True, False)),
+                       Tally(10, 2, 12, True, False, 3)),
     "openai crlf": ("openai", True, None, False, openai_chat(sep=b"\r\n"),
-                    openai_chat(sep=b"\r\n"), Tally(10, 2, 12, True, False)),
+                    openai_chat(sep=b"\r\n"), Tally(10, 2, 12, True, False, 3)),
     "openai strip usage": ("openai", True, None, True, openai_chat(),
-                           openai_chat(with_usage=False), Tally(10, 2, 12, True, False)),
+                           openai_chat(with_usage=False), Tally(10, 2, 12, True, False, 3)),
     "openai strip usage crlf": ("openai", True, None, True, openai_chat(sep=b"\r\n"),
                                 openai_chat(with_usage=False, sep=b"\r\n"),
-                                Tally(10, 2, 12, True, False)),
+                                Tally(10, 2, 12, True, False, 3)),
     "openai strip usage everywhere": (
         "openai", True, None, True, openai_chat_usage_everywhere(),
-        openai_chat(with_usage=False), Tally(10, 2, 12, True, False)),
+        openai_chat(with_usage=False), Tally(10, 2, 12, True, False, 3)),
     "openai alias": ("openai", True, ("qwen2.5:7b", "gpt-4o-mini"), False, openai_chat(),
-                     openai_chat("gpt-4o-mini"), Tally(10, 2, 12, True, False)),
+                     openai_chat("gpt-4o-mini"), Tally(10, 2, 12, True, False, 3)),
     "openai alias and strip": ("openai", True, ("qwen2.5:7b", "gpt-4o-mini"), True,
                                openai_chat(), openai_chat("gpt-4o-mini", with_usage=False),
-                               Tally(10, 2, 12, True, False)),
+                               Tally(10, 2, 12, True, False, 3)),
     "responses": ("responses", True, None, False, responses_stream(), responses_stream(),
-                  Tally(9, 3, 12, True, False)),
+                  Tally(9, 3, 12, True, False, 1)),
     "responses alias": ("responses", True, ("qwen2.5:7b", "gpt-4o-mini"), False,
                         responses_stream(), responses_stream("gpt-4o-mini"),
-                        Tally(9, 3, 12, True, False)),
+                        Tally(9, 3, 12, True, False, 1)),
     "messages": ("anthropic", True, None, False, messages_stream(), messages_stream(),
-                 Tally(25, 15, None, True, False)),
+                 Tally(25, 15, None, True, False, 1)),
     "messages alias": ("anthropic", True, ("qwen2.5:7b", "claude-haiku"), False,
                        messages_stream("qwen2.5:7b"), messages_stream("claude-haiku"),
-                       Tally(25, 15, None, True, False)),
+                       Tally(25, 15, None, True, False, 1)),
 }
 
 
@@ -276,7 +276,7 @@ def test_unmarked_frames_leave_whole_while_usage_is_taken_out():
     assert sent(frames[2][9:] + b"\n\n" + frames[3][:k]) == frames[2] + b"\n\n"
     assert sent(frames[3][k:] + b"\n\n" + frames[4] + b"\n\n") == frames[4] + b"\n\n"
     assert sent(b"") == b""
-    assert meter.tally == Tally(10, 2, 12, True, False)
+    assert meter.tally == Tally(10, 2, 12, True, False, 3)
 
 
 def test_stream_without_a_final_newline():
@@ -446,7 +446,9 @@ def test_stream_that_breaks_publishes_from_the_error_hook():
         f.response.stream(ndjson({"model": "m", "error": None, "response": "a", "done": False}))
         meter.error(f)
     assert f.metadata["keygate.finished"] is False
-    assert f.metadata["keygate.total_tokens"] == 0
+    # The counts never came; the one content line that went out counts (SPEC 6).
+    assert f.metadata["keygate.total_tokens"] == 1
+    assert f.metadata["keygate.tokens_estimated"] is True
 
 
 def test_upstream_error_line_is_published():
@@ -543,6 +545,23 @@ def test_model_lists_show_only_usable_models():
                                                                          "qwen2.5:7b"]
 
 
+def test_running_models_show_only_usable_models():
+    """/api/ps names loaded models with their digests and sizes: filtered like /api/tags."""
+    meter = Meter(make_config())
+    ps = {"models": [{"name": n, "model": n, "digest": "d" + n, "size": 1} for n in
+                     ("qwen2.5:7b", "llama3.2:1b", "gpt-oss:120b-cloud")]}
+    f = admitted_flow("GET", "/api/ps", key="llama", body=dumps(ps))
+    with taddons.context():
+        meter.response(f)
+    assert json.loads(f.response.content) == {"models": [
+        {"name": "llama3.2:1b", "model": "llama3.2:1b", "digest": "dllama3.2:1b", "size": 1}]}
+    f = admitted_flow("GET", "/api/ps", key="alice", body=dumps(ps))
+    with taddons.context():
+        meter.response(f)
+    assert [m["name"] for m in json.loads(f.response.content)["models"]] == [
+        "qwen2.5:7b", "llama3.2:1b"]
+
+
 def test_refused_flows_are_not_metered():
     meter = Meter(make_config())
     f = make_flow("POST", "/api/chat")
@@ -552,3 +571,153 @@ def test_refused_flows_are_not_metered():
         meter.response(f)
     assert not f.response.stream
     assert "keygate.prompt_tokens" not in f.metadata
+
+
+# --------------------------------------------------------------------------- streams cut short
+#
+# A client that leaves before the upstream's counts still consumed what went out (SPEC 6):
+# the meter counts content frames, and publishes that count as an estimate.
+
+# scenario -> (path, the bytes where the frame with the counts starts)
+CUT_BEFORE_COUNTS = {
+    "native chat": ("/api/chat", b'{"model":"llama3.2:1b","created_at":"' + T.encode()
+                    + b'","message":{"role":"assistant","content":""},"done_reason"'),
+    "native generate": ("/api/generate", b'{"model":"llama3.2:1b","created_at":"'
+                        + T.encode() + b'","response":"","done":true'),
+    "native alias": ("/api/chat", b'{"model":"qwen2.5:7b","created_at":"' + T.encode()
+                     + b'","message":{"role":"assistant","content":""},"done_reason"'),
+    "openai as sent": ("/v1/chat/completions", b'data: {"id":"chatcmpl-1"'
+                       b',"object":"chat.completion.chunk","created":1,"model":"qwen2.5:7b",'
+                       b'"system_fingerprint":"fp_ollama","choices":[]'),
+    "openai strip usage everywhere": ("/v1/chat/completions", b'data: {"id":"chatcmpl-1"'
+                                      b',"object":"chat.completion.chunk","created":1,'
+                                      b'"model":"qwen2.5:7b","system_fingerprint":'
+                                      b'"fp_ollama","choices":[]'),
+    "openai alias": ("/v1/chat/completions", b'data: {"id":"chatcmpl-1"'
+                     b',"object":"chat.completion.chunk","created":1,"model":"qwen2.5:7b",'
+                     b'"system_fingerprint":"fp_ollama","choices":[]'),
+    "responses": ("/v1/responses", b"event: response.completed"),
+    "responses alias": ("/v1/responses", b"event: response.completed"),
+    "messages": ("/v1/messages", b"event: content_block_stop"),
+    "messages alias": ("/v1/messages", b"event: content_block_stop"),
+}
+
+
+def cut_before_counts(name: str) -> bytes:
+    stream = SCENARIOS[name][4]
+    at = stream.index(CUT_BEFORE_COUNTS[name][1])
+    assert at > 0
+    return stream[:at]
+
+
+@pytest.mark.parametrize("name", CUT_BEFORE_COUNTS)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_a_stream_cut_before_its_counts_still_counts_its_content(name, data):
+    api, is_sse, alias, strip, *_, full = SCENARIOS[name]
+    path = CUT_BEFORE_COUNTS[name][0]
+    delivered = cut_before_counts(name)
+    points = data.draw(st.lists(st.integers(1, len(delivered) - 1), max_size=30))
+    meter = Meter(make_config())
+    f = admitted_flow("POST", path, model="m",
+                      ctype="text/event-stream" if is_sse else "application/x-ndjson")
+    with taddons.context():
+        meter.responseheaders(f)
+        stream = f.response.stream
+        stream.alias, stream.strip_usage = alias, strip
+        stream.edits = alias is not None or strip
+        for chunk in cut(delivered, points):
+            stream(chunk)  # then the client leaves: no b"" end call
+        meter.error(f)
+    md = f.metadata
+    # What the upstream said before the cut: Anthropic's message_start carries the input
+    # tokens and a provisional output count; a running usage (on every chunk) its own.
+    prompt, so_far = {"anthropic": (25, 1)}.get(api, (0, 0))
+    if name == "openai strip usage everywhere":
+        prompt, so_far = 10, 1
+    assert md["keygate.finished"] is False
+    assert md["keygate.completion_tokens"] == max(full.frames, so_far) >= 1
+    assert md.get("keygate.tokens_estimated", False) is (full.frames > so_far)
+    assert (md["keygate.prompt_tokens"], md["keygate.total_tokens"]) == (
+        prompt, prompt + max(full.frames, so_far))
+
+
+def test_more_content_than_anthropic_announced_is_estimated():
+    meter = Meter(make_config())
+    f = admitted_flow("POST", "/v1/messages", model="m", ctype="text/event-stream")
+    head, delta = messages_stream().split(b"event: ping")[0], messages_stream().split(
+        b"event: content_block_delta")[1].split(b"event: content_block_stop")[0]
+    with taddons.context():
+        meter.responseheaders(f)
+        f.response.stream(head + (b"event: content_block_delta" + delta) * 7)
+        meter.error(f)
+    md = f.metadata
+    assert (md["keygate.prompt_tokens"], md["keygate.completion_tokens"],
+            md["keygate.total_tokens"], md["keygate.tokens_estimated"]) == (25, 7, 32, True)
+
+
+@pytest.mark.parametrize("lines, frames", [
+    (1, 1), (2, 2), (10, 10)])
+def test_estimate_is_one_token_a_content_line(lines, frames):
+    meter = Meter(make_config())
+    f = admitted_flow("POST", "/api/chat", model="m", ctype="application/x-ndjson")
+    body = ndjson(*[{"model": "m", "created_at": T, "message": {"role": "assistant",
+                                                                "content": f"w{i} "},
+                     "done": False} for i in range(lines)])
+    with taddons.context():
+        meter.responseheaders(f)
+        f.response.stream(body)
+        meter.response(f)  # the upstream ended without its final line
+    md = f.metadata
+    assert (md["keygate.completion_tokens"], md["keygate.total_tokens"]) == (frames, frames)
+    assert md["keygate.tokens_estimated"] is True
+
+
+def test_a_whole_stream_is_not_an_estimate():
+    meter = Meter(make_config())
+    f = admitted_flow("POST", "/api/chat", model="m", ctype="application/x-ndjson")
+    with taddons.context():
+        meter.responseheaders(f)
+        feed(f.response.stream, [native_chat()])
+        meter.response(f)
+    assert f.metadata["keygate.completion_tokens"] == 298
+    assert "keygate.tokens_estimated" not in f.metadata
+
+
+def test_a_stream_cut_before_any_content_counts_nothing():
+    meter = Meter(make_config())
+    f = admitted_flow("POST", "/v1/messages", model="m", ctype="text/event-stream")
+    head = messages_stream().split(b"event: ping")[0]  # message_start, content_block_start
+    with taddons.context():
+        meter.responseheaders(f)
+        f.response.stream(head)
+        meter.error(f)
+    md = f.metadata
+    # message_start's provisional output count stands: nothing more went out.
+    assert (md["keygate.prompt_tokens"], md["keygate.completion_tokens"]) == (25, 1)
+    assert "keygate.tokens_estimated" not in md
+
+
+def test_a_pull_left_early_counts_no_tokens():
+    # Progress lines are not generated text: only inference streams are estimated.
+    meter = Meter(make_config())
+    f = admitted_flow("POST", "/api/pull", key="admin", ctype="application/x-ndjson")
+    with taddons.context():
+        meter.responseheaders(f)
+        f.response.stream(native_pull().rsplit(b"{", 1)[0])
+        meter.error(f)
+    md = f.metadata
+    assert md["keygate.total_tokens"] == 0 and "keygate.tokens_estimated" not in md
+
+
+def test_an_error_frame_is_not_content():
+    meter = Meter(make_config())
+    f = admitted_flow("POST", "/v1/chat/completions", model="m", ctype="text/event-stream")
+    body = sse(chunk(content="Hi"), {"error": {"message": "runner died", "type": "api_error"}})
+    with taddons.context():
+        meter.responseheaders(f)
+        feed(f.response.stream, [body])
+        meter.response(f)
+    md = f.metadata
+    assert md["keygate.error"] == "upstream_error"
+    assert md["keygate.completion_tokens"] == 1 and md["keygate.tokens_estimated"] is True

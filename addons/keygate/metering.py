@@ -7,6 +7,14 @@ when it has nothing to change it hands every chunk on untouched at once and only
 it must edit (a model alias to turn back, usage keygate asked for to take out) it hands on
 each complete frame as soon as the frame is complete. Non-streamed bodies are small JSON
 documents read whole in the response hook.
+
+A stream that ends before the upstream's counts (the client left, the upstream broke off)
+still counts what it consumed (SPEC 6): the meter counts the content frames it passed on
+(an NDJSON line, an SSE data event that carries generated text), and such a stream is
+logged with completion_tokens = that count (one token a frame, unless a count the
+upstream sent along the way says more) and `tokens_estimated: true`. On the path that
+passes chunks unparsed the count is a byte count (newlines, "data:" line starts): a few
+hundred nanoseconds a chunk.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from dataclasses import dataclass
 from mitmproxy import http
 
 from . import endpoints
+from .catalog import filter_running
 from .config import cloud_allowed
 from .configuration import Config
 from .errors import make_error
@@ -62,6 +71,20 @@ class Tally:
     total_tokens: int | None = None  # when the upstream states it
     finished: bool = False  # the upstream's own end marker was seen
     upstream_error: bool = False  # an {"error": ...} line or event
+    frames: int = 0  # content frames passed on (streams): the estimate when counts are missing
+
+    def estimate(self) -> bool:
+        """Whether the stream ended before the upstream's completion count, with more
+        content frames gone out than the count so far says (none, for native streams; a
+        provisional one in Anthropic's message_start): then the frames count instead."""
+        return not self.finished and self.frames > self.completion_tokens
+
+
+# Events of named-event streams that carry generated text (Anthropic, /v1/responses); the
+# others (message_start, content_block_start, response.created, pings, ...) carry none.
+def _content_event(event: bytes) -> bool:
+    return event == b"content_block_delta" or (
+        event.startswith(b"response.") and event.endswith(b".delta"))
 
 
 def _int(v: object) -> int:
@@ -171,6 +194,13 @@ class StreamMeter:
         which may complete it into one worth reading."""
         cut = _frames_end(buf, self.sse)
         self.pending = buf[cut:]
+        if cut:
+            # Every frame completed here is content (no end marker, usage or error is
+            # among them): NDJSON lines, or SSE events with their "data:" line.
+            if self.sse:
+                self.tally.frames += buf.count(b"\ndata:", 0, cut) + buf.startswith(b"data:")
+            else:
+                self.tally.frames += buf.count(b"\n", 0, cut)
         if not self.edits:
             return data
         return buf[:cut] if cut else []  # (b"" would end the response)
@@ -199,11 +229,15 @@ class StreamMeter:
         if not line:
             return frame
         interesting = _NATIVE_END.search(line) is not None
-        if not interesting and not self.edits:
-            return frame
+        if not interesting:
+            self.tally.frames += 1  # content (the end, an error, a pull's end are not)
+            if not self.edits:
+                return frame
         doc = json.loads(line)
         if not isinstance(doc, dict):
             return frame
+        if interesting and doc.get("done") is False:
+            self.tally.frames += 1  # content whose text looks like a marker
         self._observe(doc)
         if self.alias and rename_model(doc, *self.alias):
             return dumps(doc)
@@ -228,6 +262,11 @@ class StreamMeter:
             event in (b"message_start", b"message_delta", b"message_stop", b"response.completed",
                       b"response.failed", b"error")
             or b'"usage"' in data or b'"error"' in data)
+        if event is not None:
+            if _content_event(event):
+                self.tally.frames += 1
+        elif not interesting:
+            self.tally.frames += 1  # an OpenAI chunk: content (the last one holds none)
         # Taking out usage touches only frames that carry it; only a model alias needs
         # every frame parsed (the name is in each chunk).
         if not interesting and self.alias is None:
@@ -235,6 +274,9 @@ class StreamMeter:
         doc = json.loads(data)
         if not isinstance(doc, dict):
             return frame
+        if (event is None and interesting and doc.get("choices")
+                and doc.get("error") is None):
+            self.tally.frames += 1  # a chunk with content that also carries usage
         self._observe(doc, event)
         changed = bool(self.alias and rename_model(doc, *self.alias))
         if self.strip_usage and "usage" in doc:
@@ -299,10 +341,17 @@ class Meter:
     @staticmethod
     def _publish(flow: http.HTTPFlow, tally: Tally) -> None:
         md = flow.metadata
+        completion = tally.completion_tokens
+        estimated = tally.estimate() and _inference(flow)
+        if estimated:
+            # The counts never came: what went out counts, at least a token a frame.
+            completion = tally.frames
+            md["keygate.tokens_estimated"] = True
         md["keygate.prompt_tokens"] = tally.prompt_tokens
-        md["keygate.completion_tokens"] = tally.completion_tokens
+        md["keygate.completion_tokens"] = completion
         md["keygate.total_tokens"] = (tally.total_tokens if tally.total_tokens
-                                      else tally.prompt_tokens + tally.completion_tokens)
+                                      and not estimated
+                                      else tally.prompt_tokens + completion)
         md["keygate.finished"] = tally.finished
         if tally.upstream_error:
             md["keygate.error"] = "upstream_error"
@@ -333,6 +382,8 @@ class Meter:
                 changed = rename_model(doc, *alias)
             if ep.kind == "list":
                 changed = self._filter_list(flow, doc) or changed
+            elif ep.path == "/api/ps":
+                changed = self._filter_running(flow, doc) or changed
         if changed:
             resp.content = dumps(doc)
         return tally
@@ -347,6 +398,15 @@ class Meter:
         for name, value in old.headers.items(multi=True):
             if name.lower().startswith("access-control-") or name.lower() == "vary":
                 flow.response.headers.add(name, value)  # Cors has been; keep what it set
+
+    def _filter_running(self, flow: http.HTTPFlow, doc: dict) -> bool:
+        """/api/ps shows only what the key may use, like /api/tags (SPEC 4)."""
+        state = self.config.state
+        channels = state.settings.channels
+        name = flow.metadata.get("keygate.channel")
+        channel = next((c for c in channels if c.name == name), None) if name else None
+        return filter_running(doc, state.keys.by_name.get(flow.metadata.get("keygate.key")),
+                              channel, channels)
 
     def _filter_list(self, flow: http.HTTPFlow, doc: dict) -> bool:
         """Model lists show only what the key may use (SPEC 4)."""
@@ -367,6 +427,12 @@ class Meter:
             doc["data"] = [m for m in doc["data"] if isinstance(m, dict) and visible(m.get("id"))]
             return True
         return False
+
+
+def _inference(flow: http.HTTPFlow) -> bool:
+    """Whether the flow generates tokens (a pull's progress stream counts none)."""
+    ep = endpoints.classify(flow.request.method, endpoints.client_path(flow))
+    return ep is not None and ep.kind == "inference"
 
 
 def _alias(flow: http.HTTPFlow) -> tuple[str, str] | None:
