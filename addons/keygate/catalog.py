@@ -5,6 +5,11 @@ the gateway, so keygate asks each channel for its own list (cached briefly), kee
 models the channel serves, adds the `model_map` aliases, drops what the key may not use,
 and answers in the endpoint's own wire format. Without channels the request goes to the
 reverse target and the meter filters its answer instead.
+
+`GET /api/ps` (the models loaded now, with digests and sizes) is not merged: it goes to one
+Ollama server, and the meter filters its answer with `filter_running`, by the same rules
+as /api/tags: only what the key may use and what that server's channel serves, aliases
+included (SPEC 4).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 from mitmproxy import http
 
 from . import endpoints
-from .config import Channel
+from .config import Channel, cloud_allowed
 from .configuration import Config
 from .errors import refuse
 from .keys import Key
@@ -100,6 +105,31 @@ def served(channel: Channel, listed: list[ModelInfo]) -> list[ModelInfo]:
         tag = dict(base.tag, name=alias, model=alias) if base.tag is not None else None
         out.append(ModelInfo(alias, base.created, base.owned_by, tag))
     return out
+
+
+def filter_running(doc: dict, key: Key | None, channel: Channel | None,
+                   channels: tuple[Channel, ...]) -> bool:
+    """Keep in an /api/ps answer (`doc["models"]`) only the models `key` may use, as
+    /api/tags shows them: with channels, what `channel` (the one that answered) serves,
+    its aliases for loaded targets included, named as the key asks for them; without, the
+    names the key's patterns cover. Returns whether `doc` was changed."""
+    models = doc.get("models")
+    if not isinstance(models, list):
+        return False
+    if key is None:
+        doc["models"] = []
+        return True
+    if channel is None:
+        doc["models"] = [m for m in models if isinstance(m, dict) and _usable(
+            m.get("name") or m.get("model"), key, channels)]
+        return True
+    doc["models"] = [m.tag for m in served(channel, parse_list(channel, doc))
+                     if m.tag is not None and key.may_use(m.name)]
+    return True
+
+
+def _usable(name: object, key: Key, channels: tuple[Channel, ...]) -> bool:
+    return isinstance(name, str) and key.may_use(name) and cloud_allowed(name, channels)
 
 
 class Catalog:
