@@ -11,7 +11,7 @@ lookup per event instead of one per addon: keygate/pipeline.py). The modules loa
 process: after editing them, restart mitmdump.
 """
 
-from keygate import failclosed, redact
+from keygate import failclosed, redact, wire
 from keygate.authentication import Auth
 from keygate.catalog import Catalog
 from keygate.configuration import Config
@@ -22,7 +22,7 @@ from keygate.metering import Meter
 from keygate.pipeline import Pipeline, absent_hooks
 from keygate.policy import Policy
 from keygate.routing import Router
-from keygate.usage import Usage
+from keygate.usage import Usage, new_request_id
 
 config = Config()
 router = Router(config)
@@ -47,5 +47,10 @@ addons = [Pipeline(stages, last=[failclosed.LastStage()])]
 # mitmproxy looks every event's hook up on this module too: answer without an exception.
 globals().update(absent_hooks(globals()))
 
-# Outside the pipeline on purpose: it must survive a broken reload of this file.
+# Outside the pipeline on purpose: they must survive a broken reload of this file.
 redact.install()  # no request bytes (keys) in mitmproxy's own log lines
+wire.install(  # head size, folded lines, keygate's answers where mitmproxy answers alone
+    max_head=lambda: config.state.settings.max_header_bytes if config.state else wire.DEFAULT_MAX_HEAD,
+    new_request_id=new_request_id,
+    report=usage.edge_refusal,  # their usage lines
+)

@@ -208,7 +208,9 @@ class Gateway:
     def usage(self) -> list[dict]:
         if not self.usage_log.exists():
             return []
-        return [json.loads(x) for x in self.usage_log.read_text().splitlines() if x.strip()]
+        # Lines end at "\n" alone: a model name may hold U+0085 or U+2028, which
+        # str.splitlines() would take for line ends too.
+        return [json.loads(x) for x in self.usage_log.read_text().split("\n") if x.strip()]
 
     def usage_for(self, request_id: str, timeout: float = 5.0) -> dict:
         deadline = time.monotonic() + timeout

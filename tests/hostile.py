@@ -15,6 +15,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
 from urllib.parse import unquote
 
 import h2.config
@@ -42,7 +43,7 @@ TABLE = FORWARDABLE | ADMIN_ENDPOINTS | {("GET", "/"), ("HEAD", "/"),
 STATUS_OF = {
     "invalid_request": 400, "invalid_api_key": 401, "permission_denied": 403,
     "unknown_endpoint": 404, "model_not_found": 404, "request_too_large": 413,
-    "rate_limit_exceeded": 429, "insufficient_quota": 429, "upstream_error": 502,
+    "headers_too_large": 431, "rate_limit_exceeded": 429, "insufficient_quota": 429, "upstream_error": 502,
     "gateway_unavailable": 503,
 }
 # Fields keygate reads or cleans (SPEC 4, 6); Ollama's Go decoder folds case on them.
@@ -68,15 +69,33 @@ def go_would_read_as(key: str, name: str) -> bool:
         a.lower() == b or not a.isascii() for a, b in zip(key, name))
 
 
-def disruptive_keep_alive(v: object) -> bool:
-    if isinstance(v, bool):
-        return False
-    if isinstance(v, (int, float)):
-        return v <= 0
+_GO_DURATION = re.compile(r"[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:ns|us|\u00b5s|\u03bcs|ms|s|m|h))+")
+_GO_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+_GO_SECONDS = {"ns": Decimal("1e-9"), "us": Decimal("1e-6"), "\u00b5s": Decimal("1e-6"),
+               "\u03bcs": Decimal("1e-6"), "ms": Decimal("1e-3"), "s": Decimal(1),
+               "m": Decimal(60), "h": Decimal(3600)}
+
+
+def disruptive_keep_alive(v: object, max_seconds: int = 3600) -> bool:
+    """A keep_alive a key without admin may not send: one that does not come to between
+    1 s and max_keep_alive_s as Ollama reads it (numbers: whole seconds, truncated;
+    strings: Go durations), or one Ollama would not read at all. Written apart from
+    keygate's own reader, as a second opinion."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        return True
     if isinstance(v, str):
-        s = v.strip()
-        return s.startswith("-") or bool(re.fullmatch(r"\+?(0+(\.0*)?(ns|us|µs|ms|s|m|h)?)+", s))
-    return False
+        if v in ("0", "+0", "-0"):
+            return True
+        if not _GO_DURATION.fullmatch(v):
+            return True
+        seconds = sum(Decimal(n) * _GO_SECONDS[u] for n, u in _GO_PART.findall(v))
+        if v.startswith("-"):
+            return True
+    else:
+        if v != v or v < 0:
+            return True
+        seconds = Decimal(int(v)) if v != float("inf") else Decimal("Infinity")
+    return not (1 <= seconds <= max_seconds)
 
 
 def check_upstream_request(req, secrets: list[str], models: tuple[str, ...]) -> None:
@@ -104,7 +123,8 @@ def check_upstream_request(req, secrets: list[str], models: tuple[str, ...]) -> 
             for name in INSPECTED:
                 assert not go_would_read_as(k, name), f"field {k!r} (Go: {name}) went upstream"
         assert "_debug_render_only" not in doc
-        assert not disruptive_keep_alive(doc.get("keep_alive")), doc.get("keep_alive")
+        if "keep_alive" in doc:
+            assert not disruptive_keep_alive(doc["keep_alive"]), doc["keep_alive"]
 
 
 def error_shape_ok(path: str, method: str, code: str, body: bytes) -> None:
@@ -148,10 +168,14 @@ class Reply:
         return self.header("x-keygate-error")
 
     @property
-    def from_mitmproxy(self) -> bool:
-        """mitmproxy's own error page: sent where no addon could answer."""
+    def from_edge(self) -> bool:
+        """keygate's answer where mitmproxy's HTTP/1 layer ends a request before any
+        addon could (a head it cannot parse, a body over body_size_limit): keygate's
+        shape and code, but no request id, which only the flow's addons know."""
         return (self.status is not None and self.request_id is None
-                and (self.header("server") or "").startswith("mitmproxy"))
+                and self.error_code in ("invalid_request", "request_too_large",
+                                        "upstream_error")
+                and self.header("server") is None)
 
 
 def _dechunk(data: bytes) -> tuple[bytes, bool]:
@@ -381,7 +405,10 @@ class Tracker:
 
 
 MITMPROXY_HEAD_REJECTS = ("Bad HTTP request line", "Invalid header line",
-                          "Client closed connection before completing request headers")
+                          "client closed the connection before completing its request head",
+                          "a header line folded onto the previous one",
+                          "a control character in a header line", "request head over",
+                          "request head of")
 
 
 def mitmproxy_rejected_head(gw, local_port: int, timeout: float = 2.0) -> str | None:

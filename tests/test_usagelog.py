@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -63,8 +64,15 @@ def wait_for(cond, timeout: float = 10.0) -> None:
 # --------------------------------------------------------------------------- format
 
 
+_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\u200e\u200f\u061c\u202a-\u202e\u2066-\u2069]")
+
+
 def stdlib_line(record: dict) -> bytes:
-    return (json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+    """What the json module writes, with the characters unsafe in a terminal escaped as
+    ensure_ascii would escape them."""
+    text = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+    text = _UNSAFE.sub(lambda m: json.dumps(m.group())[1:-1], text)
+    return (text + "\n").encode()
 
 
 def test_encode_is_one_compact_line():
@@ -697,3 +705,20 @@ def test_lines_arriving_together_share_one_write(tmp_path, monkeypatch):
     assert ids_in([p]) == [f"req_{i:08d}" for i in range(51)]
     assert sizes[0] == 50 and sizes[1:] == [1]
     assert 0.04 <= waited < 1.0
+
+
+@pytest.mark.parametrize("text", ["\x7f", "\x85", "\x9b[2J", "\u2028", "\u2029", "\u202e",
+                                  "\u2066x\u2069", "\u200f", "\u061c"])
+def test_characters_unsafe_in_a_terminal_are_escaped_in_the_line(text):
+    """A client chooses the model name; the line is read with tail -f in a terminal and
+    split at line ends: C1 controls, DEL, line separators and bidi controls are escaped."""
+    record = {"model": f"llama{text}3", "path": "/api/chat"}
+    line = encode(record)
+    assert line.isascii() and line.endswith(b"\n") and line.count(b"\n") == 1
+    assert json.loads(line) == record
+
+
+def test_other_unicode_is_written_as_it_is():
+    record = {"model": "qwen\u00e9\u4e2d\u6587"}
+    assert encode(record) == json.dumps(record, ensure_ascii=False,
+                                        separators=(",", ":")).encode() + b"\n"

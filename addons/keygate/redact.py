@@ -20,9 +20,27 @@ LOGGER = "mitmproxy.proxy.server"  # where mitmproxy's connection handlers log
 _BYTES = re.compile(r"""(?<![\w'"])b(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""", re.S)
 
 
+# Work per message is bounded whatever a client sent: the message is cut to this many
+# characters before anything else is done with it.
+MAX_MESSAGE = 2000
+
+
+_OPEN = re.compile(r"""(?<![\w'"])b['"]""")
+
+
 def redact(message: str) -> str:
-    return _BYTES.sub(lambda m: f"<{len(m.group()) - 3} characters of the request, "
-                                "not shown>", message)
+    more = len(message) - MAX_MESSAGE
+    if more > 0:
+        message = message[:MAX_MESSAGE]
+    clean = _BYTES.sub(lambda m: f"<{len(m.group()) - 3} characters of the request, "
+                                 "not shown>", message)
+    # A literal the cut left open (or one never closed) did not match: drop its rest.
+    opened = _OPEN.search(clean)
+    if opened is not None:
+        clean = clean[:opened.start()] + "<request bytes, not shown>"
+    if more > 0:
+        clean += f" <{more} more characters cut>"
+    return clean
 
 
 class RedactWire(logging.Filter):
@@ -31,7 +49,7 @@ class RedactWire(logging.Filter):
             msg = record.getMessage()
         except Exception:  # a broken record is the logging module's to report
             return True
-        if "b'" in msg or 'b"' in msg:
+        if "b'" in msg or 'b"' in msg or len(msg) > MAX_MESSAGE:
             clean = redact(msg)
             if clean != msg:
                 record.msg, record.args = clean, ()

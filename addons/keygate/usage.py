@@ -319,7 +319,24 @@ class Usage:
             return
         flow.metadata["keygate.logged"] = True
         request_id(flow)
-        record = build_record(flow, time.time())
+        self._record(build_record(flow, time.time()))
+
+    def edge_refusal(self, rid: str, status: int, code: str, method: str, path: str,
+                     client_ip: str) -> None:
+        """The line of a request head refused at keygate's HTTP/1 edge (keygate/wire.py),
+        before mitmproxy formed a flow: no key was looked at, nothing was forwarded."""
+        now = time.time()
+        self._record({
+            "ts": iso_ms(now), "id": rid, "key": None, "status": status, "error": code,
+            "method": bounded(method, MAX_METHOD) or None,
+            "path": bounded(path, MAX_PATH) or None,
+            "model": None, "upstream_model": None, "channel": None, "stream": False,
+            "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
+            "duration_ms": 0.0, "client_ip": bounded(client_ip, MAX_CLIENT_IP),
+            "completed": True, "tokens_estimated": False,
+        })
+
+    def _record(self, record: dict) -> None:
         writer = self.writer
         if writer is None:
             if self._held is not None:

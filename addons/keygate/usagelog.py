@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import logging
 import os
 import queue
@@ -87,14 +88,32 @@ def log_files(path: Path, keep: int | None = None) -> list[Path]:
 # beyond 64 bits, NaN and Infinity) and the json module then takes that line.
 
 
+# Characters JSON may leave raw that are not safe raw in a file people `tail -f` in a
+# terminal or split into lines: DEL, the C1 controls (U+009B is a CSI to some terminals),
+# the Unicode line and paragraph separators, and the bidi controls. Clients choose some of
+# a line's strings (the model name): these are written as \uXXXX escapes instead.
+_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\u200e\u200f\u061c\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(m: re.Match) -> str:
+    return f"\\u{ord(m.group()):04x}"
+
+
 def encode(record: dict) -> bytes:
     """One log line. Never fails on an odd value: `default=str` turns it into text (a
-    Path, an object); lone surrogates become JSON `\\udcXX` escapes."""
+    Path, an object); lone surrogates become JSON `\\udcXX` escapes, and the characters
+    of _UNSAFE `\\uXXXX` escapes (a line of ASCII, nearly all of them, is not looked at)."""
     try:
-        return orjson.dumps(record, default=str, option=orjson.OPT_APPEND_NEWLINE)
+        line = orjson.dumps(record, default=str, option=orjson.OPT_APPEND_NEWLINE)
     except TypeError:  # (orjson.JSONEncodeError is one)
         text = json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str)
-        return text.encode("utf-8", "backslashreplace") + b"\n"
+        line = text.encode("utf-8", "backslashreplace") + b"\n"
+    if line.isascii():
+        return line
+    text = line.decode("utf-8", "surrogateescape")
+    if _UNSAFE.search(text) is None:
+        return line
+    return _UNSAFE.sub(_escape, text).encode("utf-8", "surrogateescape")
 
 
 # --------------------------------------------------------------------------- reading
