@@ -50,7 +50,8 @@ globals().update(absent_hooks(globals()))
 # Outside the pipeline on purpose: they must survive a broken reload of this file.
 redact.install()  # no request bytes (keys) in mitmproxy's own log lines
 wire.install(  # head size, folded lines, keygate's answers where mitmproxy answers alone
-    max_head=lambda: config.state.settings.max_header_bytes if config.state else wire.DEFAULT_MAX_HEAD,
+    max_head=lambda: (config.state.settings.max_header_bytes if config.state
+                      else wire.DEFAULT_MAX_HEAD),
     new_request_id=new_request_id,
     report=usage.edge_refusal,  # their usage lines
 )

@@ -43,8 +43,8 @@ TABLE = FORWARDABLE | ADMIN_ENDPOINTS | {("GET", "/"), ("HEAD", "/"),
 STATUS_OF = {
     "invalid_request": 400, "invalid_api_key": 401, "permission_denied": 403,
     "unknown_endpoint": 404, "model_not_found": 404, "request_too_large": 413,
-    "headers_too_large": 431, "rate_limit_exceeded": 429, "insufficient_quota": 429, "upstream_error": 502,
-    "gateway_unavailable": 503,
+    "headers_too_large": 431, "rate_limit_exceeded": 429, "insufficient_quota": 429,
+    "upstream_error": 502, "gateway_unavailable": 503,
 }
 # Fields keygate reads or cleans (SPEC 4, 6); Ollama's Go decoder folds case on them.
 INSPECTED = ("model", "name", "stream", "stream_options", "keep_alive", "_debug_render_only")

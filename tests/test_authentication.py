@@ -348,9 +348,9 @@ def test_only_credential_headers_are_searched_for_other_keys(auth):
     like a credential are searched for keys; the rest only for the presented key."""
     ring = CountingRing(auth.config.state.keys)
     many = " ".join(f"tok{i:06d}" for i in range(20_000))
+    bearer = f"Bearer {secret_of('alice')}".encode()
     hdrs = http.Headers([(b"X-Many-%d" % i, many.encode()) for i in range(4)]
-                        + [(b"X-Session-Token", b"abc"), (b"Authorization",
-                                                           f"Bearer {secret_of('alice')}".encode())])
+                        + [(b"X-Session-Token", b"abc"), (b"Authorization", bearer)])
     secret, _ = take_credentials(hdrs, ring)
     assert secret == secret_of("alice")
     assert ring.asked == 1  # X-Session-Token alone

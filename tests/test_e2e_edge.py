@@ -20,7 +20,7 @@ import httpx
 import pytest
 from hostile import http1, rss_mb, send_raw
 
-from conftest import Gateway, KeySpec, keys_yaml
+from conftest import Gateway, KeySpec
 
 USER = KeySpec("user", settings={"models": ["llama3.2:*"]})
 ANY = KeySpec("any")  # every model
@@ -85,7 +85,7 @@ def test_an_unterminated_head_over_max_header_kb_gets_431_and_is_not_buffered(gw
     assert served_quickly(gw) < 1.0
     assert rss_mb(gw.proc.pid) - before < 40
     # mitmdump's log says what happened, without the request's bytes (the key).
-    line = gw.wait_for(r"request head over 16384 bytes: answered 431")
+    gw.wait_for(r"request head over 16384 bytes: answered 431")
     assert USER.secret not in gw.output
 
 

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import errno
 import json
-import re
 import logging
 import os
 import queue
+import re
 import stat
 import threading
 import time
