@@ -7,26 +7,28 @@ OpenAI-compatible servers, as mitmproxy addons.
 (`scripts/serve` runs exactly that, with the settings keygate wants.) This file only lists
 the addons in hook order; each lives in its own module of the keygate package beside it.
 mitmproxy sees them as one addon, a `Pipeline` that calls them in this order (one hook
-lookup per event instead of one per addon: keygate/pipeline.py). The modules load once per
+lookup per event instead of one per addon: keygate/stages/pipeline.py). The modules load once per
 process: after editing them, restart mitmdump.
 """
 
-from keygate import failclosed, redact, wire
-from keygate.authentication import Auth
-from keygate.catalog import Catalog
-from keygate.configuration import Config
-from keygate.cors import Cors
-from keygate.deadlines import Deadlines
-from keygate.limits import Limits
-from keygate.metering import Meter
-from keygate.pipeline import Pipeline, absent_hooks
-from keygate.policy import Policy
-from keygate.routing import Router
-from keygate.usage import Usage, new_request_id
+from keygate.edge import http1 as wire
+from keygate.edge import redact
+from keygate.stages import failclosed
+from keygate.stages.auth import Auth
+from keygate.stages.catalog import Catalog
+from keygate.stages.config import Config
+from keygate.stages.cors import Cors
+from keygate.stages.deadlines import Deadlines
+from keygate.stages.limiter import Limiter
+from keygate.stages.metering import Meter
+from keygate.stages.pipeline import Pipeline, absent_hooks
+from keygate.stages.policy import Policy
+from keygate.stages.recorder import Recorder, new_request_id
+from keygate.stages.routing import Router
 
 config = Config()
 router = Router(config)
-usage = Usage(config)
+usage = Recorder(config)
 
 stages = [
     config,  # gateway.toml and keys.yaml, reloaded when they change
@@ -37,7 +39,7 @@ stages = [
     Catalog(config, router),  # model lists merged over channels, answered by keygate
     router,  # channel choice, upstream rewrite, upstream credential
     Meter(config),  # token counts and model names in responses, streamed or not
-    Limits(config, usage),  # rpm, tpm, concurrency, daily and total quotas
+    Limiter(config, usage),  # rpm, tpm, concurrency, daily and total quotas
     usage,  # request ids and the usage log
 ]
 

@@ -28,7 +28,7 @@ from mitmproxy import http
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "addons"))
 
-from keygate.pipeline import LIFECYCLE, Pipeline, implemented  # noqa: E402
+from keygate.stages.pipeline import LIFECYCLE, Pipeline, implemented  # noqa: E402
 
 gateway = importlib.import_module("gateway")
 

@@ -15,9 +15,9 @@ from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import tflow
 
-from keygate.config import parse_settings
-from keygate.configuration import Config, State
-from keygate.keys import parse_keys
+from keygate.model.keyring import parse_keys
+from keygate.model.settings import parse_settings
+from keygate.stages.config import Config, State
 
 CONFIG_PATH = Path("/tmp/x/gateway.toml")
 REVERSE = "reverse:http://127.0.0.1:11434"

@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "addons"))
 
-from keygate.ledger import Ledger, sidecar_path  # noqa: E402
-from keygate.usagelog import log_files, rotated_name  # noqa: E402
+from keygate.accounting.ledger import Ledger, sidecar_path  # noqa: E402
+from keygate.accounting.log import log_files, rotated_name  # noqa: E402
 
 MAX_BYTES = 100 * 1024 * 1024
 KEEP = 10

@@ -1,4 +1,4 @@
-"""keygate/authentication.py: the client address, the presented key, and the Auth addon
+"""keygate/stages/auth.py: the client address, the presented key, and the Auth addon
 (SPEC 3)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons
 
-from keygate.authentication import Auth, client_address, take_credentials
+from keygate.stages.auth import Auth, client_address, take_credentials
 from keygate_unit import make_config, make_flow, secret_of
 
 S = "sk-test-0123456789"

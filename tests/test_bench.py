@@ -94,7 +94,7 @@ def test_bench_quick_reports_every_section(tmp_path):
     for label in ("c1", "c32"):
         assert hooks[label]["requests"] > 0 and hooks[label]["us_per_request"] > 0, hooks
         stages = hooks[label]["stages_us"]
-        assert {"Auth.requestheaders", "Policy.request", "Usage.response"} <= stages.keys()
+        assert {"Auth.requestheaders", "Policy.request", "Recorder.response"} <= stages.keys()
         assert sum(stages.values()) == pytest.approx(hooks[label]["us_per_request"], abs=3)
     by_target = {t["target"]: t for t in results["targets"]}
     p50 = by_target["p50 latency (c=1) <= bare + 0.3 ms"]["floor"]["value"]

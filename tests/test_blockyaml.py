@@ -1,4 +1,4 @@
-"""keygate/blockyaml.py against PyYAML: the fast reader returns exactly SafeLoader's
+"""keygate/model/blockyaml.py against PyYAML: the fast reader returns exactly SafeLoader's
 document (and the right line for every key), or None. Never a different document.
 
 Run as a script for the benchmark: `python tests/test_blockyaml.py [N]`.
@@ -20,9 +20,10 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "addons"))
 
-from keygate import blockyaml, keys  # noqa: E402
-from keygate.blockyaml import Lined  # noqa: E402
-from keygate.config import ConfigError  # noqa: E402
+from keygate.model import blockyaml  # noqa: E402
+from keygate.model import keyring as keys  # noqa: E402
+from keygate.model.blockyaml import Lined  # noqa: E402
+from keygate.model.settings import ConfigError  # noqa: E402
 
 LOADERS = [yaml.SafeLoader] + ([yaml.CSafeLoader] if hasattr(yaml, "CSafeLoader") else [])
 SETTINGS = settings(max_examples=300, deadline=None,

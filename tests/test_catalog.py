@@ -1,11 +1,11 @@
-"""keygate/catalog.py: what model lists show a key (SPEC 4), here /api/ps: the models an
+"""keygate/stages/catalog.py: what model lists show a key (SPEC 4), here /api/ps: the models an
 Ollama server has loaded, with their digests and sizes, filtered like /api/tags."""
 
 from __future__ import annotations
 
 import copy
 
-from keygate.catalog import filter_running
+from keygate.stages.catalog import filter_running
 from keygate_unit import make_config
 
 

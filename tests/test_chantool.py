@@ -1,4 +1,4 @@
-"""scripts/channels (keygate.chantool): gateway.toml channel edits keep every other setting,
+"""scripts/channels (keygate.cli.channels): gateway.toml channel edits keep every other setting,
 are validated like the gateway reads them, and `test` reports status and latency."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "addons") not in sys.path:
     sys.path.insert(0, str(ROOT / "addons"))
 
-from keygate import chantool  # noqa: E402
-from keygate.config import parse_settings  # noqa: E402
+from keygate.cli import channels as chantool  # noqa: E402
+from keygate.model.settings import parse_settings  # noqa: E402
 
 GATEWAY = """\
 # operator's notes: these go when tomli-w rewrites the file

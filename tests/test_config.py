@@ -1,4 +1,4 @@
-"""keygate/config.py: gateway.toml parsed into frozen Settings and Channels (SPEC 2)."""
+"""keygate/model/settings.py: gateway.toml parsed into frozen Settings and Channels (SPEC 2)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from keygate.config import (
+from keygate.model.settings import (
     MB,
     Channel,
     ConfigError,

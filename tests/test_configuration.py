@@ -1,4 +1,4 @@
-"""keygate/configuration.py: the Config addon's start-up work."""
+"""keygate/stages/config.py: the Config addon's start-up work."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from mitmproxy.addons.block import Block
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons
 
-from keygate import configuration, keys
-from keygate.config import ConfigError
-from keygate.configuration import Config
+from keygate.model import keyring as keys
+from keygate.model.settings import ConfigError
+from keygate.stages import config as configuration
+from keygate.stages.config import Config
 
 
 def test_start_up_objects_are_frozen_once_per_process(monkeypatch, tmp_path):

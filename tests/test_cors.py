@@ -1,4 +1,4 @@
-"""keygate/cors.py: browser access for the origins in cors_origins, and no other (SPEC 3, 4)."""
+"""keygate/stages/cors.py: browser access for the origins in cors_origins, and no other (SPEC 3, 4)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons
 
-from keygate.authentication import Auth
-from keygate.cors import Cors
-from keygate.policy import Policy
-from keygate.routing import Router
+from keygate.stages.auth import Auth
+from keygate.stages.cors import Cors
+from keygate.stages.policy import Policy
+from keygate.stages.routing import Router
 from keygate_unit import make_config, make_flow, run_request
 
 APP = "https://app.example.com"

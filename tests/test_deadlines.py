@@ -1,4 +1,4 @@
-"""keygate/deadlines.py: slow clients lose their connection (request head and body deadlines).
+"""keygate/stages/deadlines.py: slow clients lose their connection (request head and body deadlines).
 
 The hooks are called directly in mitmproxy's order with a clock the test moves; `check()`
 is what the periodic timer runs. mitmproxy's proxyserver is stood in for by `FakeServer`,
@@ -16,10 +16,10 @@ from mitmproxy import connection, http
 from mitmproxy.flow import Error
 from mitmproxy.test import taddons, tflow
 
-from keygate.config import ConfigError, parse_settings
-from keygate.configuration import State
-from keygate.deadlines import MIN_TICK, TICK, Deadlines
-from keygate.usage import build_record
+from keygate.model.settings import ConfigError, parse_settings
+from keygate.stages.config import State
+from keygate.stages.deadlines import MIN_TICK, TICK, Deadlines
+from keygate.stages.recorder import build_record
 from keygate_unit import CONFIG_PATH, make_config, make_flow
 
 

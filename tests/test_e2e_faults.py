@@ -183,7 +183,7 @@ def post_chat(gw, timeout=30, body=None):
 # -- 2. failing upstreams -------------------------------------------------------------------
 
 # keygate answers all of these in its shape; `by_flow`: with the request id (keygate's own
-# 502), else from its HTTP/1 edge where mitmproxy ended the request (keygate/wire.py).
+# 502), else from its HTTP/1 edge where mitmproxy ended the request (keygate/edge/http1.py).
 @pytest.mark.parametrize("mode,status,by_flow", [
     ("bad-json", 502, True),  # a success that is garbage
     ("garbage", 502, False),  # no HTTP at all

@@ -900,7 +900,7 @@ def test_malformed_heads_are_not_logged_verbatim(hg):
 def test_unterminated_request_head_is_bounded(fake, make_gateway):
     """mitmproxy 11 buffers a request head without any size limit (a FIXME in its
     Http1Server.read_headers) and, when the client leaves, formats the whole buffer's repr
-    for its log line. keygate's HTTP/1 edge (keygate/wire.py) answers 431 and closes the
+    for its log line. keygate's HTTP/1 edge (keygate/edge/http1.py) answers 431 and closes the
     connection at max_header_kb (64 by default)."""
     gw = make_gateway(fake.url, keys=KEYS).start()
     before = rss_mb(gw.proc.pid)

@@ -28,7 +28,7 @@ def post(gw, name="lim", body=GEN, path="/api/generate"):
 
 def test_a_streamed_upload_over_its_limit_gets_its_429(fake, make_gateway):
     """Blob uploads stream upstream as they arrive; refusing one after Policy set it to
-    stream (here: Limits) must still answer, not hang the client."""
+    stream (here: the Limiter) must still answer, not hang the client."""
     keys = default_keys()
     keys["adm"] = KeySpec("adm", settings={"scopes": ["inference", "models", "admin"],
                                            "limits": {"rpm": 1}})

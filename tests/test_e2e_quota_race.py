@@ -1,6 +1,6 @@
 """End to end: token quotas against requests that arrive at once (SPEC 7). Each request of
 a key with a token quota reserves an estimate of its tokens while in flight, so requests
-admitted together overshoot a quota by a bounded amount (keygate/limits.py states it)."""
+admitted together overshoot a quota by a bounded amount (keygate/stages/limiter.py states it)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 import httpx
 
 from conftest import KeySpec, default_keys, eventually
-from keygate.limits import FIRST_ESTIMATE
+from keygate.stages.limiter import FIRST_ESTIMATE
 
 QUOTA = 10
 # Streamed, so the fake's gate holds it after its first line: 3 prompt + 5 completion tokens.

@@ -32,9 +32,9 @@ RAW = {*map(chr, range(0x20)), *map(chr, range(0x7f, 0xa0)), *map(chr, range(0x2
 
 
 def report(config: Path, *args: str) -> subprocess.CompletedProcess:
-    """scripts/usage as it runs: `python -m keygate.report` with addons/ on the path."""
+    """scripts/usage as it runs: `python -m keygate.cli.usage` with addons/ on the path."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "addons")}
-    return subprocess.run([sys.executable, "-m", "keygate.report", "--config", str(config),
+    return subprocess.run([sys.executable, "-m", "keygate.cli.usage", "--config", str(config),
                            *args], capture_output=True, env=env, timeout=120)
 
 

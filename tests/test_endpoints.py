@@ -1,10 +1,10 @@
-"""keygate/endpoints.py: the endpoint table of SPEC 4, matched exactly as sent."""
+"""keygate/model/endpoints.py: the endpoint table of SPEC 4, matched exactly as sent."""
 
 from __future__ import annotations
 
 import pytest
 
-from keygate.endpoints import classify, path_model
+from keygate.model.endpoints import classify, path_model
 
 DIGEST = "sha256:" + "0123456789abcdef" * 4
 

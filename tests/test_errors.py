@@ -1,4 +1,4 @@
-"""keygate/errors.py: keygate's own error responses in the client API's shape (SPEC 5)."""
+"""keygate/model/errors.py: keygate's own error responses in the client API's shape (SPEC 5)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 from mitmproxy.test import tflow
 
-from keygate.errors import CODES, error_body, make_error, refuse
+from keygate.model.errors import CODES, error_body, make_error, refuse
 
 # SPEC 5's table: code -> status
 STATUS = {

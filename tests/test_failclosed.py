@@ -1,4 +1,4 @@
-"""keygate/failclosed.py: nothing unchecked goes through, whether a stage fails on a
+"""keygate/stages/failclosed.py: nothing unchecked goes through, whether a stage fails on a
 request (LastStage) or mitmproxy has no keygate pipeline loaded at all (FailClosed)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from mitmproxy import http
 from mitmproxy.proxy.layers.http import HttpRequestHeadersHook, HttpRequestHook
 from mitmproxy.test import taddons, tflow
 
-from keygate.failclosed import FailClosed, LastStage
-from keygate.pipeline import Pipeline
+from keygate.stages.failclosed import FailClosed, LastStage
+from keygate.stages.pipeline import Pipeline
 
 SECRET = "sk-failclosed-test-0123456789"
 

@@ -1,4 +1,4 @@
-"""keygate/headerfields.py: header edits on raw fields agree with mitmproxy's Headers API."""
+"""keygate/stages/headerfields.py: header edits on raw fields agree with mitmproxy's Headers API."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import gzip
 import pytest
 from mitmproxy import http
 
-from keygate.headerfields import decoded_body, get_field, has_field, set_fields
+from keygate.stages.headerfields import decoded_body, get_field, has_field, set_fields
 
 
 def response(*fields: tuple[bytes, bytes], body: bytes = b"") -> http.Response:

@@ -1,4 +1,4 @@
-"""keygate/keys.py: keys.yaml parsed into a KeyRing looked up by sha256 digest (SPEC 2, 3)."""
+"""keygate/model/keyring.py: keys.yaml parsed into a KeyRing looked up by sha256 digest (SPEC 2, 3)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from keygate.keys import (
+from keygate.model.keyring import (
     DEFAULT_SCOPES,
     EMPTY,
     LIMIT_NAMES,

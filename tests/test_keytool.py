@@ -1,4 +1,4 @@
-"""scripts/keys (keygate.keytool): keys.yaml edits keep the operator's file, store only
+"""scripts/keys (keygate.cli.keys): keys.yaml edits keep the operator's file, store only
 digests, refuse bad input without touching the file, and print a new key alone on stdout."""
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "addons") not in sys.path:
     sys.path.insert(0, str(ROOT / "addons"))
 
-from keygate import keytool  # noqa: E402
-from keygate.keys import parse_keys  # noqa: E402
+from keygate.cli import keys as keytool  # noqa: E402
+from keygate.model.keyring import parse_keys  # noqa: E402
 
 KEY_RE = re.compile(r"^sk-[A-Za-z0-9]{48}$")
 DIGEST_A = "a" * 64
@@ -404,7 +404,7 @@ def test_list_shows_policy_and_today_never_a_secret(gateway, keys_file, capsys):
     assert bob["enabled"] is False and bob["allow_ips"] == ["10.0.0.0/8"]
     assert bob["models"] is None and bob["scopes"] == ["inference", "models"]
     try:
-        import keygate.ledger  # noqa: F401
+        import keygate.accounting.ledger  # noqa: F401
     except ImportError:
         pytest.skip("keygate.ledger not available: usage columns are empty by design")
     assert (alice["requests_today"], alice["tokens_today"]) == (3, 21)
@@ -413,7 +413,7 @@ def test_list_shows_policy_and_today_never_a_secret(gateway, keys_file, capsys):
 
 def test_list_works_without_the_ledger(gateway, capsys, monkeypatch):
     add(gateway, capsys, "alice")
-    monkeypatch.setitem(sys.modules, "keygate.ledger", None)  # makes the import fail
+    monkeypatch.setitem(sys.modules, "keygate.accounting.ledger", None)  # makes the import fail
     assert run(gateway, "list", "--format", "json") == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["name"] == "alice" and row["requests_today"] is None

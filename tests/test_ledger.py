@@ -26,11 +26,11 @@ from hypothesis import strategies as st
 ADDONS = Path(__file__).resolve().parents[1] / "addons"
 sys.path.insert(0, str(ADDONS))
 
-from keygate.ledger import (  # noqa: E402
+from keygate.accounting.ledger import (  # noqa: E402
     REFUSED,
     SIDECAR_VERSION,
+    Counters,
     Ledger,
-    Tally,
     counts,
     day_of,
     month_before,
@@ -38,7 +38,7 @@ from keygate.ledger import (  # noqa: E402
     sidecar_path,
     tokens_of,
 )
-from keygate.usagelog import LogFile, Target, UsageWriter, encode, rotated_name  # noqa: E402
+from keygate.accounting.log import LogFile, Target, UsageWriter, encode, rotated_name  # noqa: E402
 
 BASE = date(2026, 11, 20)
 
@@ -291,27 +291,27 @@ def test_add_equals_naive_recount(rs):
 @given(st.lists(st.one_of(records(odd=False), records()), max_size=60),
        st.lists(st.integers(0, 100), max_size=4))
 def test_merge_of_pieces_equals_the_whole(rs, cuts_percent):
-    whole = Tally()
+    whole = Counters()
     for r in rs:
         whole.add(r)
     cuts = {c * len(rs) // 100 for c in cuts_percent}
-    merged, bounds = Tally(), sorted(cuts | {0, len(rs)})
+    merged, bounds = Counters(), sorted(cuts | {0, len(rs)})
     for a, b in zip(bounds, bounds[1:]):
-        piece = Tally()
+        piece = Counters()
         for r in rs[a:b]:
             piece.add(r)
         merged.merge(piece)
     assert merged.snapshot() == whole.snapshot()
-    assert Tally.from_json(json.loads(json.dumps(whole.to_json())), 3).snapshot() == \
+    assert Counters.from_json(json.loads(json.dumps(whole.to_json())), 3).snapshot() == \
         whole.snapshot()
 
 
 def test_merge_drops_what_the_whole_would_have_dropped():
     # A later piece may hold older days (a long stream is logged when it ends).
-    late, early = Tally(), Tally()
+    late, early = Counters(), Counters()
     late.add(rec(1, day=5))
     early.add(rec(2, day=1))
-    whole = Tally()
+    whole = Counters()
     whole.add(rec(1, day=5))
     whole.add(rec(2, day=1))
     late.merge(early)
@@ -594,8 +594,8 @@ CHILD = r"""
 import itertools, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from keygate.ledger import Ledger
-from keygate.usagelog import UsageWriter
+from keygate.accounting.ledger import Ledger
+from keygate.accounting.log import UsageWriter
 path, start = Path(sys.argv[2]), int(sys.argv[3])
 ledger = Ledger.load(path, 4)
 writer = UsageWriter(path, 30_000, 4, checkpoint=ledger.checkpoint, rotate=ledger.rotate,
@@ -648,7 +648,7 @@ READER = r"""
 import os, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from keygate.ledger import Ledger
+from keygate.accounting.ledger import Ledger
 path, stop = Path(sys.argv[2]), Path(sys.argv[3])
 seen = []
 while not stop.exists():
@@ -808,7 +808,7 @@ def test_corrupt_retired_tally_is_ignored(tmp_path, caplog, content):
 def test_a_load_waits_for_a_rotation_in_progress(tmp_path):
     """Rotations and counts of the same log exclude each other (the sidecar's lock): a
     count that saw a file between its rename and its next one could take it for deleted."""
-    from keygate.ledger import sidecar_lock
+    from keygate.accounting.ledger import sidecar_lock
     p = tmp_path / "usage.jsonl"
     rs = [rec(i) for i in range(20)]
     write_log(rotated_name(p, 1), [encode(r) for r in rs[:10]])

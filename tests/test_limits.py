@@ -1,4 +1,4 @@
-"""keygate/limits.py: per-key rate limits and quotas with an injected clock (SPEC 5, 7)."""
+"""keygate/stages/limiter.py: per-key rate limits and quotas with an injected clock (SPEC 5, 7)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from mitmproxy import http
 from mitmproxy.flow import Error
 from mitmproxy.test import taddons
 
-from keygate import limits as limits_module
-from keygate.keys import Limits as KeyLimits
-from keygate.limits import (
+from keygate.model.keyring import Limits as KeyLimits
+from keygate.stages import limiter as limits_module
+from keygate.stages.limiter import (
     FIRST_ESTIMATE,
     WINDOW,
-    Limits,
+    Limiter,
     RollingWindow,
     retry_after,
     seconds_to_utc_midnight,
@@ -71,9 +71,9 @@ class FakeUsage:
         self.ledger = FakeLedger()
 
 
-def make_limits(clock: Clock | None = None, keys: dict | None = None) -> Limits:
+def make_limits(clock: Clock | None = None, keys: dict | None = None) -> Limiter:
     config = make_config(keys=keys or {"k": {}})
-    return Limits(config, FakeUsage(), clock=clock or Clock())
+    return Limiter(config, FakeUsage(), clock=clock or Clock())
 
 
 # --------------------------------------------------------------------------- helpers
@@ -341,7 +341,7 @@ def admitted(key: str = "k", path: str = "/api/chat") -> http.HTTPFlow:
     return f
 
 
-def finish(lim: Limits, f: http.HTTPFlow, tokens: int = 0) -> None:
+def finish(lim: Limiter, f: http.HTTPFlow, tokens: int = 0) -> None:
     f.response = http.Response.make(200, b"{}", {"content-type": "application/json"})
     f.metadata["keygate.total_tokens"] = tokens
     lim.responseheaders(f)
@@ -453,7 +453,7 @@ def test_addon_ignores_flows_it_should_not_count():
 DAY = "2026-03-01"
 
 
-def settle(lim: Limits, f: http.HTTPFlow, tokens: int) -> None:
+def settle(lim: Limiter, f: http.HTTPFlow, tokens: int) -> None:
     """The request ends having used `tokens`, counted as the usage log counts it."""
     ledger = lim.usage.ledger
     name = f.metadata["keygate.key"]
@@ -574,7 +574,7 @@ def test_every_way_a_request_ends_releases_its_reservation(monkeypatch):
             left.error = Error("Client disconnected.")
             lim.error(left)
             lim.error(left)  # a second end hook frees nothing twice
-            # A stage after Limits refused it after all: mitmproxy sends that answer and
+            # A stage after the Limiter refused it after all: mitmproxy sends that answer and
             # runs the response hook.
             refused.response = http.Response.make(503)
             lim.response(refused)

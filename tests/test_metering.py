@@ -1,4 +1,4 @@
-"""keygate/metering.py: token counts from responses, streamed or not, and the edits keygate
+"""keygate/stages/metering.py: token counts from responses, streamed or not, and the edits keygate
 makes to what comes back (SPEC 2, 4, 6)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy.test import taddons
 
-import keygate.metering as metering
-from keygate.metering import Meter, StreamMeter, Tally
+import keygate.stages.metering as metering
+from keygate.stages.metering import Meter, StreamMeter, TokenCounts
 from keygate_unit import make_config, make_flow
 
 
@@ -164,47 +164,47 @@ def messages_stream(model="llama3.2:1b") -> bytes:
 # name -> (api, sse, alias, strip_usage, stream in, expected out, expected tally)
 SCENARIOS = {
     "native chat": ("ollama", False, None, False, native_chat(), native_chat(),
-                    Tally(26, 298, None, True, False, 2)),
+                    TokenCounts(26, 298, None, True, False, 2)),
     "native generate": ("ollama", False, None, False, native_generate(), native_generate(),
-                        Tally(11, 2, None, True, False, 2)),
+                        TokenCounts(11, 2, None, True, False, 2)),
     "native pull": ("ollama", False, None, False, native_pull(), native_pull(),
-                    Tally(0, 0, None, True, False, 3)),
+                    TokenCounts(0, 0, None, True, False, 3)),
     "native alias": ("ollama", False, ("qwen2.5:7b", "gpt-4o-mini"), False,
                      native_chat("qwen2.5:7b"), native_chat("gpt-4o-mini"),
-                     Tally(26, 298, None, True, False, 2)),
+                     TokenCounts(26, 298, None, True, False, 2)),
     "openai as sent": ("openai", True, None, False, openai_chat(), openai_chat(),
-                       Tally(10, 2, 12, True, False, 3)),
+                       TokenCounts(10, 2, 12, True, False, 3)),
     "openai crlf": ("openai", True, None, False, openai_chat(sep=b"\r\n"),
-                    openai_chat(sep=b"\r\n"), Tally(10, 2, 12, True, False, 3)),
+                    openai_chat(sep=b"\r\n"), TokenCounts(10, 2, 12, True, False, 3)),
     "openai strip usage": ("openai", True, None, True, openai_chat(),
-                           openai_chat(with_usage=False), Tally(10, 2, 12, True, False, 3)),
+                           openai_chat(with_usage=False), TokenCounts(10, 2, 12, True, False, 3)),
     "openai strip usage crlf": ("openai", True, None, True, openai_chat(sep=b"\r\n"),
                                 openai_chat(with_usage=False, sep=b"\r\n"),
-                                Tally(10, 2, 12, True, False, 3)),
+                                TokenCounts(10, 2, 12, True, False, 3)),
     "openai strip usage everywhere": (
         "openai", True, None, True, openai_chat_usage_everywhere(),
-        openai_chat(with_usage=False), Tally(10, 2, 12, True, False, 3)),
+        openai_chat(with_usage=False), TokenCounts(10, 2, 12, True, False, 3)),
     "openai alias": ("openai", True, ("qwen2.5:7b", "gpt-4o-mini"), False, openai_chat(),
-                     openai_chat("gpt-4o-mini"), Tally(10, 2, 12, True, False, 3)),
+                     openai_chat("gpt-4o-mini"), TokenCounts(10, 2, 12, True, False, 3)),
     "openai alias and strip": ("openai", True, ("qwen2.5:7b", "gpt-4o-mini"), True,
                                openai_chat(), openai_chat("gpt-4o-mini", with_usage=False),
-                               Tally(10, 2, 12, True, False, 3)),
+                               TokenCounts(10, 2, 12, True, False, 3)),
     "responses": ("responses", True, None, False, responses_stream(), responses_stream(),
-                  Tally(9, 3, 12, True, False, 1)),
+                  TokenCounts(9, 3, 12, True, False, 1)),
     "responses alias": ("responses", True, ("qwen2.5:7b", "gpt-4o-mini"), False,
                         responses_stream(), responses_stream("gpt-4o-mini"),
-                        Tally(9, 3, 12, True, False, 1)),
+                        TokenCounts(9, 3, 12, True, False, 1)),
     "messages": ("anthropic", True, None, False, messages_stream(), messages_stream(),
-                 Tally(25, 15, None, True, False, 1)),
+                 TokenCounts(25, 15, None, True, False, 1)),
     "messages alias": ("anthropic", True, ("qwen2.5:7b", "claude-haiku"), False,
                        messages_stream("qwen2.5:7b"), messages_stream("claude-haiku"),
-                       Tally(25, 15, None, True, False, 1)),
+                       TokenCounts(25, 15, None, True, False, 1)),
 }
 
 
-def meter_for(name: str) -> tuple[StreamMeter, bytes, bytes, Tally]:
+def meter_for(name: str) -> tuple[StreamMeter, bytes, bytes, TokenCounts]:
     api, is_sse, alias, strip, stream, expected, tally = SCENARIOS[name]
-    meter = StreamMeter(api, is_sse, Tally(), alias=alias, strip_usage=strip)
+    meter = StreamMeter(api, is_sse, TokenCounts(), alias=alias, strip_usage=strip)
     return meter, stream, expected, tally
 
 
@@ -243,7 +243,7 @@ def test_any_chunking_gives_the_same_bytes_and_counts(name, data):
 
 def test_unedited_streams_pass_chunks_on_at_once():
     # Nothing to change: each chunk leaves as it came, incomplete lines included.
-    meter = StreamMeter("ollama", False, Tally())
+    meter = StreamMeter("ollama", False, TokenCounts())
     data = native_chat()
     for piece in cut(data, range(7, len(data), 13)):
         assert meter(piece) == piece
@@ -251,7 +251,7 @@ def test_unedited_streams_pass_chunks_on_at_once():
 
 
 def test_edited_streams_hold_only_an_incomplete_frame():
-    meter = StreamMeter("ollama", False, Tally(), alias=("qwen2.5:7b", "gpt-4o-mini"))
+    meter = StreamMeter("ollama", False, TokenCounts(), alias=("qwen2.5:7b", "gpt-4o-mini"))
     line1, line2 = native_chat("qwen2.5:7b").splitlines(keepends=True)[:2]
     assert meter(line1[:10]) == []
     assert b"".join(meter(line1[10:] + line2[:5])) == line1.replace(b"qwen2.5:7b", b"gpt-4o-mini")
@@ -264,7 +264,7 @@ def test_unmarked_frames_leave_whole_while_usage_is_taken_out():
     data = openai_chat()
     frames = data.split(b"\n\n")  # three content frames, the usage frame, [DONE], b""
     first_two = frames[0] + b"\n\n" + frames[1] + b"\n\n"
-    meter = StreamMeter("openai", True, Tally(), strip_usage=True)
+    meter = StreamMeter("openai", True, TokenCounts(), strip_usage=True)
 
     def sent(chunk: bytes) -> bytes:
         r = meter(chunk)
@@ -276,12 +276,12 @@ def test_unmarked_frames_leave_whole_while_usage_is_taken_out():
     assert sent(frames[2][9:] + b"\n\n" + frames[3][:k]) == frames[2] + b"\n\n"
     assert sent(frames[3][k:] + b"\n\n" + frames[4] + b"\n\n") == frames[4] + b"\n\n"
     assert sent(b"") == b""
-    assert meter.tally == Tally(10, 2, 12, True, False, 3)
+    assert meter.tally == TokenCounts(10, 2, 12, True, False, 3)
 
 
 def test_stream_without_a_final_newline():
     data = native_chat("qwen2.5:7b").rstrip(b"\n")
-    meter = StreamMeter("ollama", False, Tally(), alias=("qwen2.5:7b", "gpt-4o-mini"))
+    meter = StreamMeter("ollama", False, TokenCounts(), alias=("qwen2.5:7b", "gpt-4o-mini"))
     assert feed(meter, [data]) == native_chat("gpt-4o-mini").rstrip(b"\n")
     assert meter.tally.finished and meter.tally.completion_tokens == 298
 
@@ -291,14 +291,14 @@ def test_native_final_chunk_read_as_json_not_as_bytes(separators):
     # JSON whitespace is insignificant; an Ollama-compatible server may write it.
     lines = [json.dumps(d, separators=separators).encode() + b"\n"
              for d in map(json.loads, native_chat().splitlines())]
-    meter = StreamMeter("ollama", False, Tally())
+    meter = StreamMeter("ollama", False, TokenCounts())
     assert feed(meter, lines) == b"".join(lines)
     assert (meter.tally.prompt_tokens, meter.tally.completion_tokens) == (26, 298)
     assert meter.tally.finished
 
 
 def test_embed_counts_prompt_eval_count_only():
-    t = Tally()
+    t = TokenCounts()
     metering.read_usage("ollama", {"model": "m", "embeddings": [[0.1]], "prompt_eval_count": 7}, t)
     assert (t.prompt_tokens, t.completion_tokens) == (7, 0)
 
@@ -306,7 +306,7 @@ def test_embed_counts_prompt_eval_count_only():
 @pytest.mark.parametrize("value, counted", [(5, 5), (0, 0), (-3, 0), (True, 0), ("5", 0),
                                             (None, 0), (2.5, 0)])
 def test_only_positive_integers_count(value, counted):
-    t = Tally()
+    t = TokenCounts()
     metering.read_usage("openai", {"usage": {"prompt_tokens": value, "completion_tokens": 1}}, t)
     assert t.prompt_tokens == counted
 
@@ -332,7 +332,7 @@ def test_only_positive_integers_count(value, counted):
 ])
 @pytest.mark.parametrize("edits", [False, True])
 def test_error_line_or_event_marks_upstream_error(api, is_sse, stream, edits):
-    meter = StreamMeter(api, is_sse, Tally(), alias=("nobody", "x") if edits else None)
+    meter = StreamMeter(api, is_sse, TokenCounts(), alias=("nobody", "x") if edits else None)
     assert feed(meter, cut(stream, range(9, len(stream), 17))) == stream
     assert meter.tally.upstream_error is True
 
@@ -349,7 +349,7 @@ def test_error_text_inside_content_is_not_an_error():
                      "content": '{"error": "x"}'}, "done": False},
                     {"model": "m", "created_at": T, "done": True, "prompt_eval_count": 1,
                      "eval_count": 1})
-    meter = StreamMeter("ollama", False, Tally())
+    meter = StreamMeter("ollama", False, TokenCounts())
     feed(meter, [stream])
     assert meter.tally.upstream_error is False and meter.tally.finished
 
@@ -369,7 +369,7 @@ def test_error_text_inside_content_is_not_an_error():
 def test_malformed_data_flows_on_unchanged(api, is_sse, stream, alias, strip):
     # Nothing here needs an edit, so whatever the chunking, the client gets what was sent.
     for step in (1, 2, 5, 11, 64, len(stream)):
-        meter = StreamMeter(api, is_sse, Tally(), alias=alias, strip_usage=strip)
+        meter = StreamMeter(api, is_sse, TokenCounts(), alias=alias, strip_usage=strip)
         assert feed(meter, cut(stream, range(step, len(stream), step))) == stream, step
 
 
@@ -381,7 +381,7 @@ def test_an_exception_inside_never_propagates(monkeypatch, alias):
     monkeypatch.setattr(metering, "read_usage", explode)
     stream = native_chat()
     for step in (1, 3, 40, len(stream)):
-        meter = StreamMeter("ollama", False, Tally(), alias=alias)
+        meter = StreamMeter("ollama", False, TokenCounts(), alias=alias)
         assert feed(meter, cut(stream, range(step, len(stream), step))) == stream, step
 
 
@@ -389,7 +389,7 @@ def test_an_exception_inside_never_propagates(monkeypatch, alias):
 @given(points=st.lists(st.integers(1, 400), max_size=30))
 def test_any_chunking_of_a_broken_stream_loses_nothing(points):
     stream = ndjson({"model": "m", "n": 1}) + b'{"model": oops\n' + native_chat()
-    meter = StreamMeter("ollama", False, Tally(), alias=("nobody", "x"))
+    meter = StreamMeter("ollama", False, TokenCounts(), alias=("nobody", "x"))
     assert feed(meter, cut(stream, points)) == stream
 
 

@@ -1,4 +1,4 @@
-"""keygate/pipeline.py: the stages called as mitmproxy would call them as separate addons,
+"""keygate/stages/pipeline.py: the stages called as mitmproxy would call them as separate addons,
 through mitmproxy's own addon manager."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook
 from mitmproxy.test import taddons, tflow
 
 from conftest import ROOT
-from keygate.pipeline import Pipeline, absent_hooks
+from keygate.stages.pipeline import Pipeline, absent_hooks
 
 ADDONS = ROOT / "addons"
 
@@ -197,7 +197,7 @@ def test_importing_the_pipeline_alone_knows_every_hook_keygate_uses():
     # The hook registry fills as mitmproxy's modules are imported; the pipeline imports
     # what it needs itself, so no hook of a stage can be missed whatever loaded first.
     code = (
-        "import keygate.pipeline\n"
+        "import keygate.stages.pipeline\n"
         "from mitmproxy import hooks\n"
         "need = {'load', 'configure', 'running', 'done', 'client_connected',\n"
         "        'client_disconnected', 'requestheaders', 'request', 'responseheaders',\n"
@@ -211,18 +211,18 @@ def test_importing_the_pipeline_alone_knows_every_hook_keygate_uses():
 
 
 def test_every_hook_of_keygate_stages_is_dispatched():
-    from keygate.authentication import Auth
-    from keygate.catalog import Catalog
-    from keygate.configuration import Config
-    from keygate.cors import Cors
-    from keygate.deadlines import Deadlines
-    from keygate.limits import Limits
-    from keygate.metering import Meter
-    from keygate.policy import Policy
-    from keygate.routing import Router
-    from keygate.usage import Usage
+    from keygate.stages.auth import Auth
+    from keygate.stages.catalog import Catalog
+    from keygate.stages.config import Config
+    from keygate.stages.cors import Cors
+    from keygate.stages.deadlines import Deadlines
+    from keygate.stages.limiter import Limiter
+    from keygate.stages.metering import Meter
+    from keygate.stages.policy import Policy
+    from keygate.stages.recorder import Recorder
+    from keygate.stages.routing import Router
 
-    classes = [Config, Deadlines, Cors, Auth, Policy, Catalog, Router, Meter, Limits, Usage]
+    classes = [Config, Deadlines, Cors, Auth, Policy, Catalog, Router, Meter, Limiter, Recorder]
     defined = {name for c in classes for name in vars(c) if name in hooks.all_hooks}
     assert {"requestheaders", "request", "response", "error", "load", "running",
             "client_connected", "client_disconnected"} <= defined

@@ -1,4 +1,4 @@
-"""keygate/policy.py: endpoint table, scopes, body checks and model permissions (SPEC 4)."""
+"""keygate/stages/policy.py: endpoint table, scopes, body checks and model permissions (SPEC 4)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons
 
-from keygate.authentication import Auth
-from keygate.policy import (
+from keygate.stages.auth import Auth
+from keygate.stages.policy import (
     ROOT_TEXT,
     Policy,
     body_model,
     go_duration_ns,
     keep_alive_allowed,
 )
-from keygate.routing import Router
+from keygate.stages.routing import Router
 from keygate_unit import make_config, make_flow, request_json, response_json, run_request
 
 DIGEST = "sha256:" + "ab" * 32

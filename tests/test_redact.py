@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from keygate import redact
-from keygate.redact import LOGGER, RedactWire
+from keygate.edge import redact
+from keygate.edge.redact import LOGGER, RedactWire
 
 KEY = "sk-" + "A1b2" * 12
 

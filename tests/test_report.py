@@ -1,4 +1,4 @@
-"""scripts/usage (keygate.report): grouping, time filters, formats, rotated files, errors."""
+"""scripts/usage (keygate.cli.usage): grouping, time filters, formats, rotated files, errors."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "addons"))
 
-from keygate import report  # noqa: E402
-from keygate.report import (  # noqa: E402
+from keygate.accounting.log import encode, rotated_name  # noqa: E402
+from keygate.cli import usage as report  # noqa: E402
+from keygate.cli.usage import (  # noqa: E402
     Row,
     Totals,
     aggregate,
@@ -29,7 +30,6 @@ from keygate.report import (  # noqa: E402
     parse_when,
     record_ts,
 )
-from keygate.usagelog import encode, rotated_name  # noqa: E402
 
 NOW = datetime(2026, 11, 26, 12, 0, 0, 500_000, tzinfo=timezone.utc)
 
@@ -337,7 +337,7 @@ def test_user_errors_are_one_line(capsys, tmp_path, argv, message):
 
 
 def _fake_config(monkeypatch, usage_log: Path | None = None, error: str | None = None):
-    mod = types.ModuleType("keygate.config")
+    mod = types.ModuleType("keygate.model.settings")
 
     class ConfigError(ValueError):
         pass
@@ -349,7 +349,7 @@ def _fake_config(monkeypatch, usage_log: Path | None = None, error: str | None =
         return types.SimpleNamespace(usage_log=usage_log, usage_log_max_bytes=1, usage_log_keep=3)
 
     mod.ConfigError, mod.load_settings = ConfigError, load_settings
-    monkeypatch.setitem(sys.modules, "keygate.config", mod)
+    monkeypatch.setitem(sys.modules, "keygate.model.settings", mod)
     return mod
 
 
@@ -381,7 +381,7 @@ def test_python_m_and_the_script_wrapper(tmp_path, log):
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[-1].split() == ["TOTAL", "5", "117", "58", "175", "2"]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "addons"))
-    out = subprocess.run([sys.executable, "-m", "keygate.report", "--log", str(log),
+    out = subprocess.run([sys.executable, "-m", "keygate.cli.usage", "--log", str(log),
                           "--since", "nonsense"], capture_output=True, text=True, env=env,
                          timeout=60)
     assert out.returncode == 2 and "Traceback" not in out.stderr

@@ -1,4 +1,4 @@
-"""keygate/routing.py: channel choice, cooldown and the upstream rewrite (SPEC 2, 3, 4, 6)."""
+"""keygate/stages/routing.py: channel choice, cooldown and the upstream rewrite (SPEC 2, 3, 4, 6)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from mitmproxy import http
 from mitmproxy.flow import Error
 from mitmproxy.test import taddons
 
-from keygate.authentication import Auth
-from keygate.config import Channel
-from keygate.policy import Policy
-from keygate.routing import COOLDOWN_FIRST, COOLDOWN_MAX, Health, Router, candidates, choose
+from keygate.model.settings import Channel
+from keygate.stages.auth import Auth
+from keygate.stages.policy import Policy
+from keygate.stages.routing import COOLDOWN_FIRST, COOLDOWN_MAX, Health, Router, candidates, choose
 from keygate_unit import make_config, make_flow, request_json, run_request, secret_of
 
 
@@ -444,7 +444,7 @@ def test_blob_uploads_are_routed_at_headers_time():
 
 
 def test_one_sweep_gives_up_on_late_flows_only_and_stops_when_none_wait():
-    from keygate.deadlines import check_interval as sweep_interval
+    from keygate.stages.deadlines import check_interval as sweep_interval
 
     assert sweep_interval(300) == 0.5 and sweep_interval(1) == 0.25
     config = make_config("[gateway]\nupstream_timeout_s = 0.4\n")

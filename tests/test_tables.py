@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "addons") not in sys.path:
     sys.path.insert(0, str(ROOT / "addons"))
 
-from keygate.tables import (  # noqa: E402
+from keygate.cli.tables import (  # noqa: E402
     CUT,
     MAX_WIDTH,
     cell,

@@ -1,4 +1,4 @@
-"""Unit tests of the Usage addon's pure parts: timestamps, request ids, and the record."""
+"""Unit tests of the Recorder addon's pure parts: timestamps, request ids, and the record."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from mitmproxy.test import tflow
 
-from keygate.usage import (
+from keygate.accounting.log import encode
+from keygate.stages.recorder import (
     MAX_CLIENT_IP,
     MAX_METHOD,
     MAX_MODEL,
@@ -21,7 +22,6 @@ from keygate.usage import (
     new_request_id,
     request_id,
 )
-from keygate.usagelog import encode
 
 
 def reference(ts: float) -> str:

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "addons"))
 
-from keygate import usagelog  # noqa: E402
-from keygate.usagelog import (  # noqa: E402
+from keygate.accounting import log as usagelog  # noqa: E402
+from keygate.accounting.log import (  # noqa: E402
     LogFile,
     Target,
     UsageWriter,

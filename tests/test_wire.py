@@ -1,4 +1,4 @@
-"""keygate/wire.py: the checks keygate makes on a request head before mitmproxy parses it,
+"""keygate/edge/http1.py: the checks keygate makes on a request head before mitmproxy parses it,
 and the answers it sends where mitmproxy would send its own page."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from keygate import wire
-from keygate.redact import MAX_MESSAGE, redact
+from keygate.edge import http1 as wire
+from keygate.edge.redact import MAX_MESSAGE, redact
 
 HEAD = b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
 

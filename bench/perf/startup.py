@@ -203,7 +203,7 @@ def write_usage_log(
 JSON_READ = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
-from keygate.usagelog import log_files, read_records
+from keygate.accounting.log import log_files, read_records
 t0 = time.perf_counter()
 for path in log_files(sys.argv[2]):
     read_records(path, lambda record: None)

@@ -25,7 +25,7 @@ from typing import Callable
 
 from mitmproxy import connection, ctx, http
 
-from .configuration import Config
+from keygate.stages.config import Config
 
 log = logging.getLogger("keygate")
 

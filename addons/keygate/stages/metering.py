@@ -26,12 +26,12 @@ from dataclasses import dataclass
 
 from mitmproxy import http
 
-from . import endpoints
-from .catalog import filter_running
-from .config import cloud_allowed
-from .configuration import Config
-from .errors import make_error
-from .headerfields import decoded_body, get_field
+from keygate.model import endpoints
+from keygate.model.errors import make_error
+from keygate.model.settings import cloud_allowed
+from keygate.stages.catalog import filter_running
+from keygate.stages.config import Config
+from keygate.stages.headerfields import decoded_body, get_field
 
 log = logging.getLogger("keygate")
 
@@ -63,7 +63,7 @@ def _frames_end(buf: bytes, sse: bool) -> int:
 
 
 @dataclass
-class Tally:
+class TokenCounts:
     """What a response said about itself, filled in as it passes."""
 
     prompt_tokens: int = 0
@@ -91,7 +91,7 @@ def _int(v: object) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
 
 
-def read_usage(api: str, doc: dict, tally: Tally) -> None:
+def read_usage(api: str, doc: dict, tally: TokenCounts) -> None:
     """Take token counts from one JSON document (a whole body, a line or an event)."""
     if api == "ollama":
         if "prompt_eval_count" in doc or "eval_count" in doc:
@@ -143,7 +143,7 @@ def dumps(doc: object) -> bytes:
 class StreamMeter:
     """The `flow.response.stream` callable for one streamed response."""
 
-    def __init__(self, api: str, sse: bool, tally: Tally,
+    def __init__(self, api: str, sse: bool, tally: TokenCounts,
                  alias: tuple[str, str] | None = None, strip_usage: bool = False) -> None:
         self.api = api
         self.sse = sse
@@ -303,7 +303,7 @@ class StreamMeter:
 class Meter:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.tallies: dict[str, Tally] = {}
+        self.tallies: dict[str, TokenCounts] = {}
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if not flow.metadata.get("keygate.admitted") or flow.response is None:
@@ -313,7 +313,7 @@ class Meter:
         if ctype not in STREAM_TYPES:
             return  # read whole in the response hook
         ep = endpoints.classify(flow.request.method, endpoints.client_path(flow))
-        tally = Tally()
+        tally = TokenCounts()
         self.tallies[flow.id] = tally
         flow.metadata["keygate.stream"] = True
         flow.response.stream = StreamMeter(
@@ -339,7 +339,7 @@ class Meter:
             self._publish(flow, tally)
 
     @staticmethod
-    def _publish(flow: http.HTTPFlow, tally: Tally) -> None:
+    def _publish(flow: http.HTTPFlow, tally: TokenCounts) -> None:
         md = flow.metadata
         completion = tally.completion_tokens
         estimated = tally.estimate() and _inference(flow)
@@ -356,8 +356,8 @@ class Meter:
         if tally.upstream_error:
             md["keygate.error"] = "upstream_error"
 
-    def _read_body(self, flow: http.HTTPFlow) -> Tally:
-        tally = Tally(finished=True)
+    def _read_body(self, flow: http.HTTPFlow) -> TokenCounts:
+        tally = TokenCounts(finished=True)
         resp = flow.response
         ctype = get_field(resp.headers, b"content-type") or ""
         if "json" not in ctype or not resp.raw_content:
@@ -368,7 +368,7 @@ class Meter:
         try:
             doc = json.loads(decoded_body(resp))
         except (ValueError, UnicodeDecodeError, RecursionError):
-            # (An exception escaping here would skip Limits and Usage: no usage line.)
+            # (An exception escaping here would skip the Limiter and the Recorder: no usage line.)
             if resp.status_code < 400:
                 self._garbage(flow)
             return tally

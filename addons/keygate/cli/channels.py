@@ -9,14 +9,14 @@
 
 gateway.toml is read with tomllib and written whole with tomli-w, which does not keep
 comments; every setting and the order of the channels stay. Each new text is validated the
-way the gateway would read it (`keygate.config.parse_settings`) before it is written
+way the gateway would read it (`keygate.model.settings.parse_settings`) before it is written
 atomically. The one exception: an `api_key_env` variable unset in this shell only warns,
 because the gateway's own environment is what counts.
 
 `test` talks to the upstream directly with urllib (no proxy from the environment, no
 redirects, so the credential never goes anywhere but base_url) and reports status and
 latency of a model listing and of a one-token chat. What the upstream answers (model names,
-an error body) is shown escaped and cut (keygate.tables): it must not act on the terminal.
+an error body) is shown escaped and cut (keygate.cli.tables): it must not act on the terminal.
 """
 
 from __future__ import annotations
@@ -37,8 +37,7 @@ from typing import Any
 
 import tomli_w
 
-from .config import DEFAULT_CONFIG, KINDS, Channel, ConfigError, Settings, parse_settings
-from .keytool import (
+from keygate.cli.keys import (
     LIST_WIDTH,
     CommaList,
     UserError,
@@ -52,7 +51,15 @@ from .keytool import (
     tool_environ,
     write_atomic,
 )
-from .tables import cell, escape, render_table
+from keygate.cli.tables import cell, escape, render_table
+from keygate.model.settings import (
+    DEFAULT_CONFIG,
+    KINDS,
+    Channel,
+    ConfigError,
+    Settings,
+    parse_settings,
+)
 
 PROG = "channels"
 GLOB_CHARS = "*?["

@@ -14,11 +14,11 @@ import re
 
 from mitmproxy import http
 
-from . import endpoints
-from .config import cloud_allowed, model_name_problem
-from .configuration import Config
-from .errors import refuse
-from .headerfields import get_field
+from keygate.model import endpoints
+from keygate.model.errors import refuse
+from keygate.model.settings import cloud_allowed, model_name_problem
+from keygate.stages.config import Config
+from keygate.stages.headerfields import get_field
 
 ROOT_TEXT = b"keygate is running\n"
 

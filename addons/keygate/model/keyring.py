@@ -18,9 +18,9 @@ from typing import Any
 
 import yaml
 
-from . import blockyaml
-from .blockyaml import Lined
-from .config import ConfigError, match_any_nocase
+from keygate.model import blockyaml
+from keygate.model.blockyaml import Lined
+from keygate.model.settings import ConfigError, match_any_nocase
 
 SCOPES = ("inference", "models", "admin")
 DEFAULT_SCOPES = frozenset({"inference", "models"})

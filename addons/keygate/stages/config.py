@@ -17,8 +17,8 @@ from pathlib import Path
 
 from mitmproxy import ctx, exceptions
 
-from . import keys
-from .config import DEFAULT_CONFIG, ConfigError, Settings, load_settings
+from keygate.model import keyring as keys
+from keygate.model.settings import DEFAULT_CONFIG, ConfigError, Settings, load_settings
 
 log = logging.getLogger("keygate")
 

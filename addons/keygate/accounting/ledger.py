@@ -61,7 +61,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, BinaryIO, Mapping
 
-from .usagelog import log_files, parse_line, read_log
+from keygate.accounting.log import log_files, parse_line, read_log
 
 try:
     import fcntl
@@ -126,7 +126,7 @@ def month_before(month: str) -> str:
     return f"{y - 1:04d}-12" if m == 1 else f"{y:04d}-{m - 1:02d}"
 
 
-class Tally:
+class Counters:
     """Counters of the records that count, fed in log order. Not thread-safe.
 
     Keeps per-(day, key) [requests, tokens] for days >= horizon = newest day seen minus
@@ -203,7 +203,7 @@ class Tally:
             del self.months[m]
         self._valid = {d for d in self._valid if d >= self.horizon}
 
-    def merge(self, other: Tally) -> None:
+    def merge(self, other: Counters) -> None:
         """Add `other`, the tally of other lines of the log. `other` is not changed."""
         totals = self.totals
         for k, v in other.totals.items():
@@ -224,8 +224,8 @@ class Tally:
                 for k, (r, t) in theirs.items():
                     _count(self.months, month, k, r, t)
 
-    def copy(self) -> Tally:
-        new = Tally(self.window)
+    def copy(self) -> Counters:
+        new = Counters(self.window)
         new.merge(self)
         return new
 
@@ -270,7 +270,7 @@ class Tally:
                 "months": self.months}
 
     @classmethod
-    def from_json(cls, doc: Any, window: int) -> Tally:
+    def from_json(cls, doc: Any, window: int) -> Counters:
         """Inverse of to_json; ValueError on anything malformed."""
         new = cls(window)
         newest, totals, days, months = doc["newest"], doc["totals"], doc["days"], doc["months"]
@@ -317,7 +317,7 @@ class Segment:
     offset: int  # covered bytes, ending at a line boundary
     tail: str  # digest of the TAIL_BYTES before offset: the file still has what was counted
     bad: int  # garbage lines in the covered bytes
-    tally: Tally
+    tally: Counters
 
     def to_json(self) -> dict:
         return {"head": self.head, "offset": self.offset, "tail": self.tail, "bad": self.bad,
@@ -335,7 +335,7 @@ class Segment:
         if not (type(head) is str and type(tail) is str and type(offset) is int
                 and type(bad) is int and offset > 0):
             raise ValueError("bad segment")
-        return cls(head, offset, tail, bad, Tally.from_json(doc, window))
+        return cls(head, offset, tail, bad, Counters.from_json(doc, window))
 
 
 @dataclass(frozen=True)
@@ -344,7 +344,7 @@ class FileSummary:
     whole file, its unterminated last line included."""
 
     segment: Segment | None
-    tally: Tally
+    tally: Counters
     bad: int
     reused: int  # bytes taken from the cache
     scanned: int  # bytes read and parsed
@@ -383,7 +383,7 @@ def summarize(path: Path, known: Mapping[str, Segment], window: int) -> FileSumm
         if seg is not None and not (seg.offset <= size and _tail(f, seg.offset) == seg.tail):
             seg = None  # truncated or rewritten: count it again
         start = seg.offset if seg else 0
-        delta = Tally(window)
+        delta = Counters(window)
         res = read_log(f, start, delta.add)
         if seg is not None and res.end == seg.offset:
             new_seg = seg
@@ -418,7 +418,7 @@ def lock_path(sidecar: Path) -> Path:
 class Retired:
     """The counts of log files that are gone (rotation deleted them), carried forward."""
 
-    tally: Tally
+    tally: Counters
     files: int = 0  # how many files (for diagnostics)
 
     def to_json(self) -> dict:
@@ -429,7 +429,7 @@ class Retired:
         files = doc["files"]
         if type(files) is not int or files < 0:
             raise ValueError("bad retired files")
-        return cls(Tally.from_json(doc, window), files)
+        return cls(Counters.from_json(doc, window), files)
 
 
 @dataclass
@@ -450,7 +450,7 @@ def read_sidecar(path: Path, window: int) -> Cache:
 
     A sidecar of another window still gives its retired tally and, for files that are
     gone, its segments (they exist nowhere else), read with this window."""
-    empty = Cache({}, Retired(Tally(window)))
+    empty = Cache({}, Retired(Counters(window)))
     try:
         doc = json.loads(path.read_bytes())
         version = doc.get("version")
@@ -530,11 +530,11 @@ class Ledger:
     under a lock)."""
 
     def __init__(self, window_days: int = WINDOW_DAYS) -> None:
-        self._tally = Tally(window_days)
+        self._tally = Counters(window_days)
         self._window = window_days
         self._log_path: Path | None = None
         self._segments: dict[str, Segment] = {}
-        self._retired = Retired(Tally(window_days))
+        self._retired = Retired(Counters(window_days))
         self._retired_text = json.dumps(self._retired.to_json(), separators=(",", ":"))
         self._writable = True
         self._reusable = True

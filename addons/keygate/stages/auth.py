@@ -16,11 +16,11 @@ from urllib.parse import unquote, unquote_plus
 
 from mitmproxy import http
 
-from . import endpoints
-from .configuration import Config
-from .errors import refuse
-from .headerfields import text
-from .keys import KeyRing
+from keygate.model import endpoints
+from keygate.model.errors import refuse
+from keygate.model.keyring import KeyRing
+from keygate.stages.config import Config
+from keygate.stages.headerfields import text
 
 
 def client_address(peer: str, forwarded_for: list[str], trusted: tuple) -> str:

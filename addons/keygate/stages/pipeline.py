@@ -18,7 +18,7 @@ would call them as separate addons:
 
 An exception in a stage ends that event for the stages after it, and mitmproxy logs it, as
 it does for a script's addons; only the `last` stages still run (gateway.py's is the
-fail-closed check, keygate/failclosed.py). The stages stay what they are: one class per
+fail-closed check, keygate/stages/failclosed.py). The stages stay what they are: one class per
 concern, testable alone.
 """
 

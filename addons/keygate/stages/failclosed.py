@@ -1,7 +1,7 @@
 """Fail closed: nothing reaches an upstream unless keygate let it through.
 
 Two guards make the same check: a request's headers must have passed every stage of
-keygate's pipeline (Usage, the last, marks it `keygate.seen`) and its body must have been
+keygate's pipeline (the Recorder, the last, marks it `keygate.seen`) and its body must have been
 admitted by the router (`keygate.admitted`); any other request still unanswered gets 503
 `gateway_unavailable` (`GET /` its usual answer).
 
@@ -24,10 +24,10 @@ import time
 
 from mitmproxy import ctx, http
 
-from .authentication import drop_credentials
-from .errors import make_error
-from .policy import root_response
-from .usage import request_id
+from keygate.model.errors import make_error
+from keygate.stages.auth import drop_credentials
+from keygate.stages.policy import root_response
+from keygate.stages.recorder import request_id
 
 log = logging.getLogger("keygate")
 

@@ -20,13 +20,13 @@ from urllib.parse import quote
 
 from mitmproxy import http
 
-from . import endpoints
-from .config import Channel
-from .configuration import Config
-from .deadlines import check_interval, connection_handler
-from .errors import refuse
-from .headerfields import has_field, set_fields
-from .usage import client_gone
+from keygate.model import endpoints
+from keygate.model.errors import refuse
+from keygate.model.settings import Channel
+from keygate.stages.config import Config
+from keygate.stages.deadlines import check_interval, connection_handler
+from keygate.stages.headerfields import has_field, set_fields
+from keygate.stages.recorder import client_gone
 
 log = logging.getLogger("keygate")
 

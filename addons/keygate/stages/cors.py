@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from .configuration import Config
-from .headerfields import get_field, has_field
+from keygate.stages.config import Config
+from keygate.stages.headerfields import get_field, has_field
 
 ALLOW_METHODS = "GET, POST, DELETE, HEAD, OPTIONS"
 ALLOW_HEADERS = "authorization, content-type, x-api-key, anthropic-version, openai-beta"

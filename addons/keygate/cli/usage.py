@@ -7,7 +7,7 @@ Reads the rotated files (oldest first) and the live file, skips garbage and a to
 line (counted on stderr), and prints one row per group. Everything but `main` is pure.
 
 Group values are what clients sent (a model name is any string a valid key sends), so no
-output passes them through raw: the table escapes and cuts them (keygate.tables), and the
+output passes them through raw: the table escapes and cuts them (keygate.cli.tables), and the
 JSON and TOML texts write the characters a terminal would act on as escapes.
 """
 
@@ -23,8 +23,8 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .tables import escape, escape_encoded, escape_surrogates, render_table
-from .usagelog import log_files, read_records
+from keygate.accounting.log import log_files, read_records
+from keygate.cli.tables import escape, escape_encoded, escape_surrogates, render_table
 
 GROUPS = ("key", "model", "channel", "day")
 COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "errors")
@@ -213,7 +213,7 @@ def format_table(rows: list[Row], by: tuple[str, ...],
                  max_width: int | None = MAX_GROUP_WIDTH) -> str:
     """Aligned columns, a header and a TOTAL row; "-" stands for null. Without groups
     only the TOTAL row is shown. Group values are escaped and cut at `max_width` columns
-    (keygate.tables): a client's model name can neither act on the terminal nor forge or
+    (keygate.cli.tables): a client's model name can neither act on the terminal nor forge or
     widen a row; a key name (at most 128 characters) is never cut."""
     labels = list(by) or [""]
     counters = [[f"{getattr(t, c):,}" for c in COUNTERS] for t in [r.totals for r in rows]]
@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _log_path(args: argparse.Namespace) -> Path:
     if args.log:
         return Path(args.log).expanduser()
-    from .config import load_settings  # here: with --log no config is read at all
+    from keygate.model.settings import load_settings  # here: with --log no config is read at all
 
     return load_settings(args.config).usage_log
 
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--since is after --until")
     try:
         log_path = _log_path(args)
-    except ValueError as e:  # keygate.config.ConfigError is a ValueError
+    except ValueError as e:  # keygate.model.settings.ConfigError is a ValueError
         parser.error(escape(str(e)))
     summer = Summer(by, since and canonical(since), until and canonical(until))
     try:

@@ -44,7 +44,7 @@ from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._events import RequestData, ResponseProtocolError
 
-from .errors import CODES, error_body
+from keygate.model.errors import CODES, error_body
 
 log = logging.getLogger("keygate")
 

@@ -12,7 +12,7 @@ Editing keeps the operator's file: ruamel.yaml (round-trip) edits one entry at a
 the result is spliced back into the original text, so every other line stays byte for byte.
 That also sidesteps ruamel's habit of attaching a comment written above key B to the end of
 key A: an entry's span is worked out from the text, and a comment above B never is part of
-A's span. Every new text is validated with `keygate.keys.parse_keys` before it is written
+A's span. Every new text is validated with `keygate.model.keyring.parse_keys` before it is written
 (atomically, keeping the file's mode; a new file gets 0600).
 
 The other scripts/ tools share the small helpers here (config path, lenient settings,
@@ -39,9 +39,24 @@ from typing import Any, Callable, Iterator, Mapping
 
 import yaml
 
-from .config import DEFAULT_CONFIG, ConfigError, Settings, default_settings, parse_settings
-from .keys import LIMIT_NAMES, NAME_RE, SCOPES, Key, KeyRing, digest, parse_keys, parse_when
-from .tables import escape, render_table
+from keygate.cli.tables import escape, render_table
+from keygate.model.keyring import (
+    LIMIT_NAMES,
+    NAME_RE,
+    SCOPES,
+    Key,
+    KeyRing,
+    digest,
+    parse_keys,
+    parse_when,
+)
+from keygate.model.settings import (
+    DEFAULT_CONFIG,
+    ConfigError,
+    Settings,
+    default_settings,
+    parse_settings,
+)
 
 KEY_ALPHABET = string.ascii_letters + string.digits
 KEY_LENGTH = 48
@@ -193,7 +208,7 @@ def quiet_stdout() -> None:
 
 
 def note(prog: str, msg: str) -> None:
-    """One line on stderr. Escaped (keygate.tables): a message may quote a file, a log or
+    """One line on stderr. Escaped (keygate.cli.tables): a message may quote a file, a log or
     an upstream, and none of that may act on the terminal or start a line of its own."""
     print(f"{prog}: {escape(msg)}", file=sys.stderr)
 
@@ -691,7 +706,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
 def _usage_today(settings: Settings, names: list[str]) -> dict[str, dict[str, int]] | None:
     """Today's (UTC) requests and tokens per key from the usage log, or None if unknown."""
     try:
-        from .ledger import Ledger
+        from keygate.accounting.ledger import Ledger
     except ImportError:
         return None  # keygate.ledger not there (yet): list works without usage
     day = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")

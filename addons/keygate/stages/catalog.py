@@ -25,12 +25,12 @@ from dataclasses import dataclass
 
 from mitmproxy import http
 
-from . import endpoints
-from .config import Channel, cloud_allowed
-from .configuration import Config
-from .errors import refuse
-from .keys import Key
-from .routing import Router
+from keygate.model import endpoints
+from keygate.model.errors import refuse
+from keygate.model.keyring import Key
+from keygate.model.settings import Channel, cloud_allowed
+from keygate.stages.config import Config
+from keygate.stages.routing import Router
 
 log = logging.getLogger("keygate")
 

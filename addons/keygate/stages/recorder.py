@@ -1,4 +1,4 @@
-"""The `Usage` addon: a request id on every response, and one usage-log line per request.
+"""The `Recorder` addon: a request id on every response, and one usage-log line per request.
 
 The line is written when the request ends (SPEC 6): in the response hook (after the last
 chunk of a stream), or in the error hook when the upstream broke or the client left. A
@@ -25,12 +25,12 @@ from collections.abc import Awaitable
 from mitmproxy import ctx, http
 from mitmproxy import flow as mitmproxy_flow
 
-from . import endpoints
-from .configuration import Config
-from .errors import refuse
-from .headerfields import set_fields
-from .ledger import Ledger
-from .usagelog import UsageWriter
+from keygate.accounting.ledger import Ledger
+from keygate.accounting.log import UsageWriter
+from keygate.model import endpoints
+from keygate.model.errors import refuse
+from keygate.stages.config import Config
+from keygate.stages.headerfields import set_fields
 
 log = logging.getLogger("keygate")
 
@@ -187,7 +187,7 @@ def _peer(flow: http.HTTPFlow) -> str:
         return ""
 
 
-class Usage:
+class Recorder:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.writer: UsageWriter | None = None
@@ -323,7 +323,7 @@ class Usage:
 
     def edge_refusal(self, rid: str, status: int, code: str, method: str, path: str,
                      client_ip: str) -> None:
-        """The line of a request head refused at keygate's HTTP/1 edge (keygate/wire.py),
+        """The line of a request head refused at keygate's HTTP/1 edge (keygate/edge/http1.py),
         before mitmproxy formed a flow: no key was looked at, nothing was forwarded."""
         now = time.time()
         self._record({

@@ -1,4 +1,4 @@
-"""The `Limits` addon: per-key rate limits and quotas (SPEC 7).
+"""The `Limiter` addon: per-key rate limits and quotas (SPEC 7).
 
 Counters count requests keygate forwards: the check runs after the router has admitted a
 request, and a refusal takes the admission back. Rolling windows (rpm, tpm) live here in
@@ -47,16 +47,16 @@ from collections.abc import Awaitable
 
 from mitmproxy import http
 
-from .configuration import Config
-from .errors import refuse
-from .headerfields import set_fields
-from .keys import Limits as KeyLimits
-from .usage import Usage
+from keygate.model.errors import refuse
+from keygate.model.keyring import Limits
+from keygate.stages.config import Config
+from keygate.stages.headerfields import set_fields
+from keygate.stages.recorder import Recorder
 
 WINDOW = 60.0
 FIRST_ESTIMATE = 1024  # tokens reserved per request of a key with no finished request yet
 ESTIMATE_WEIGHT = 0.25  # of the latest request in the key's mean tokens per request
-# Seconds after its client left that a flow with no end hook ends here: after Usage has
+# Seconds after its client left that a flow with no end hook ends here: after the Recorder has
 # logged it and counted its tokens (1 s), so its reservation stands in for them until then.
 ABANDONED_AFTER = 1.5
 
@@ -118,8 +118,8 @@ def retry_after(seconds: float) -> str:
     return str(max(1, math.ceil(seconds)))
 
 
-class Limits:
-    def __init__(self, config: Config, usage: Usage, clock=time.time) -> None:
+class Limiter:
+    def __init__(self, config: Config, usage: Recorder, clock=time.time) -> None:
         self.config = config
         self.usage = usage
         self.clock = clock
@@ -160,7 +160,7 @@ class Limits:
         if key is not None:
             self._admit_or_refuse(flow, name, key.limits)
 
-    def _admit_or_refuse(self, flow: http.HTTPFlow, name: str, lim: KeyLimits) -> None:
+    def _admit_or_refuse(self, flow: http.HTTPFlow, name: str, lim: Limits) -> None:
         verdict = self.check(name, lim, self.clock())
         if verdict is not None:
             code, message, wait = verdict
@@ -184,7 +184,7 @@ class Limits:
             return self.request(flow)
         return None
 
-    def check(self, name: str, lim: KeyLimits, now: float) -> tuple[str, str, float | None] | None:
+    def check(self, name: str, lim: Limits, now: float) -> tuple[str, str, float | None] | None:
         """None to admit, else (error code, message, Retry-After seconds or None)."""
         if not lim.any():
             return None
@@ -243,7 +243,7 @@ class Limits:
                     "retry when they have finished.", 1.0)
         return None
 
-    def reservation(self, name: str, lim: KeyLimits) -> int:
+    def reservation(self, name: str, lim: Limits) -> int:
         """The tokens a request of this key reserves while in flight: 0 without token quotas,
         else the key's recent mean per request rounded up (FIRST_ESTIMATE before any)."""
         if lim.tpm is None and lim.tokens_per_day is None and lim.tokens_total is None:
@@ -278,11 +278,11 @@ class Limits:
         if tokens and (name in self.tokens or self._limits(name).tpm is not None):
             _window(self.tokens, name).add(now, tokens)
 
-    def _limits(self, name: str) -> KeyLimits:
+    def _limits(self, name: str) -> Limits:
         key = self.config.state.keys.by_name.get(name)
-        return key.limits if key else KeyLimits()
+        return key.limits if key else Limits()
 
-    def headers(self, name: str, lim: KeyLimits) -> dict[str, str]:
+    def headers(self, name: str, lim: Limits) -> dict[str, str]:
         """OpenAI-style x-ratelimit-* headers, for the limits this key has."""
         out = {}
         if lim.rpm is not None:
@@ -307,7 +307,7 @@ class Limits:
         self._end(flow)
 
     def client_disconnected(self, client) -> None:
-        # A flow mitmproxy gave up on without a response or error hook (see Usage) must not
+        # A flow mitmproxy gave up on without a response or error hook (see the Recorder) must not
         # hold its slot and reservation for good: once the hooks still on their way have
         # had a moment, it ends here with what it used.
         if self.counted:
