@@ -1,5 +1,6 @@
-"""scripts/channels (keygate.cli.channels): gateway.toml channel edits keep every other setting,
-are validated like the gateway reads them, and `test` reports status and latency."""
+"""`keygate channels` (keygate.cli.channels, scripts/channels): gateway.toml channel edits keep
+every other setting and every comment, are validated like the gateway reads them, and `test`
+reports status and latency."""
 
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ if str(ROOT / "addons") not in sys.path:
     sys.path.insert(0, str(ROOT / "addons"))
 
 from keygate.cli import channels as chantool  # noqa: E402
+from keygate.cli.main import main  # noqa: E402
 from keygate.model.settings import parse_settings  # noqa: E402
 
 GATEWAY = """\
-# operator's notes: these go when tomli-w rewrites the file
+# operator's notes: these stay when a channel is added or removed
 [gateway]
 keys_file = "my-keys.yaml"
 usage_log = "logs/usage.jsonl"  # a comment
@@ -42,8 +44,13 @@ priority = 5
 """
 
 
+def channels(*argv: str) -> int:
+    """`keygate channels ...`, in this process: its exit status; output to capsys."""
+    return main(["channels", *argv])
+
+
 def run(cfg: Path, *argv: str) -> int:
-    return chantool.main(["--config", str(cfg), *argv])
+    return channels("--config", str(cfg), *argv)
 
 
 @pytest.fixture
@@ -63,12 +70,13 @@ def test_add_list_remove_round_trip_keeps_gateway_settings(cfg, capsys, monkeypa
     assert run(cfg, "add", "ds", "--kind", "openai", "--base-url", "https://api.deepseek.com/v1",
                "--models", "deepseek-*", "--api-key-env", "KEYGATE_TEST_DS_KEY",
                "--priority", "1", "--weight", "2.5", "--no-stream-usage") == 0
-    err = capsys.readouterr().err
-    assert "comments" in err  # the original had comments, and tomli-w dropped them
+    assert "comments" not in capsys.readouterr().err  # nothing to warn about: none dropped
     assert run(cfg, "add", "alias", "--kind", "ollama", "--base-url", "http://127.0.0.1:11435",
                "--models", "qwen2.5:7b,llama3.2:1b", "--map", "gpt-4o-mini=qwen2.5:7b",
                "--map", "gpt-4o=llama3.2:1b,o1=qwen2.5:7b") == 0
-    assert "comments" not in capsys.readouterr().err  # nothing left to drop
+    text = cfg.read_text()
+    assert text.startswith(GATEWAY)  # every line as it was, the new channels after them
+    assert "# operator's notes" in text and "# a comment" in text
 
     doc = tomllib.loads(cfg.read_text())
     assert doc["gateway"] == gateway_before
@@ -103,6 +111,7 @@ def test_add_list_remove_round_trip_keeps_gateway_settings(cfg, capsys, monkeypa
     assert run(cfg, "remove", "alias") == 0
     doc = tomllib.loads(cfg.read_text())
     assert doc == {"gateway": gateway_before}  # no empty channels array left behind
+    assert cfg.read_text() == GATEWAY[:GATEWAY.index("[[channels]]")].rstrip("\n") + "\n"
 
 
 def test_add_creates_a_missing_file(tmp_path, capsys):
@@ -151,14 +160,136 @@ def test_usage_errors(cfg, capsys):
     assert run(cfg, "add", "x", "--kind", "vllm", "--base-url", "http://x") == 2
     assert "Traceback" not in capsys.readouterr().err
     assert cfg.read_text() == GATEWAY
-    assert chantool.main(["--help"]) == 0
-    assert "comments" in capsys.readouterr().out  # --help says tomli-w drops them
+    assert channels("--help") == 0
+    assert "comments" in capsys.readouterr().out  # --help says they are kept
 
 
 def test_list_without_channels(tmp_path, capsys):
     assert run(tmp_path / "missing.toml", "list") == 0
     out, err = capsys.readouterr()
     assert out == "" and "no channels" in err
+
+
+# --- comments survive every edit -----------------------------------------------------------------
+
+
+def comment_lines(text: str) -> list[str]:
+    """Every line with a comment, end-of-line comments included (none of these files has a
+    '#' inside a string)."""
+    return [line for line in text.splitlines() if "#" in line]
+
+
+def settings_order(text: str) -> list[str]:
+    """Table headers and setting names, in file order."""
+    return [line.split("=")[0].strip() for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_add_then_remove_keeps_the_shipped_example(tmp_path, capsys):
+    example = (ROOT / "config" / "gateway.example.toml").read_text()
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(example)
+
+    assert run(cfg, "add", "local", "--kind", "ollama", "--base-url", "http://127.0.0.1:11434",
+               "--models", "llama3.2:*,qwen2.5:7b", "--map", "gpt-4o-mini=qwen2.5:7b") == 0
+    assert run(cfg, "add", "deepseek", "--kind", "openai", "--base-url",
+               "https://api.deepseek.com/v1", "--models", "deepseek-*", "--priority", "1") == 0
+    added = cfg.read_text()
+    assert added.startswith(example)  # every line as it was; the channels come after them
+    assert comment_lines(added) == comment_lines(example)
+    assert settings_order(added)[:len(settings_order(example))] == settings_order(example)
+    settings = parse_settings(added, cfg)  # keygate's own parser
+    assert [c.name for c in settings.channels] == ["local", "deepseek"]
+    assert settings.channels[0].model_map == {"gpt-4o-mini": "qwen2.5:7b"}
+
+    assert run(cfg, "remove", "local") == 0
+    left = cfg.read_text()
+    assert comment_lines(left) == comment_lines(example)
+    assert settings_order(left)[:len(settings_order(example))] == settings_order(example)
+    assert [c.name for c in parse_settings(left, cfg).channels] == ["deepseek"]
+
+    assert run(cfg, "remove", "deepseek") == 0
+    removed = cfg.read_text()
+    assert comment_lines(removed) == comment_lines(example)
+    assert settings_order(removed) == settings_order(example)
+    assert parse_settings(removed, cfg) == parse_settings(example, cfg)
+    assert removed == example  # and in fact byte for byte
+    assert "comments" not in capsys.readouterr().err
+
+
+COMMENTED = """\
+# head
+[gateway]
+usage_log = "logs/usage.jsonl"
+
+# Channels, most preferred first.
+[[channels]]
+name = "a"
+kind = "ollama"   # the GPU box
+base_url = "http://127.0.0.1:11434"
+# models = ["llama3.2:*"]   (all of them, for now)
+
+[[channels]]
+name = "b"
+kind = "openai"
+base_url = "https://api.example.com/v1"
+[channels.model_map]
+"gpt-4o-mini" = "m"
+
+# [[channels]]          a third, some day
+# name = "c"
+"""
+
+
+@pytest.mark.parametrize("name, expected", [
+    # A channel takes its header, its settings, the comments among them and those right
+    # under its last setting; comments a blank line sets apart stay, wherever they were.
+    ("a", COMMENTED.replace("""[[channels]]
+name = "a"
+kind = "ollama"   # the GPU box
+base_url = "http://127.0.0.1:11434"
+# models = ["llama3.2:*"]   (all of them, for now)
+
+""", "")),
+    ("b", COMMENTED.replace("""[[channels]]
+name = "b"
+kind = "openai"
+base_url = "https://api.example.com/v1"
+[channels.model_map]
+"gpt-4o-mini" = "m"
+
+""", "")),
+])
+def test_remove_takes_only_the_channels_own_lines(tmp_path, name, expected):
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(COMMENTED)
+    assert run(cfg, "remove", name) == 0
+    assert cfg.read_text() == expected
+
+
+def test_add_goes_after_the_comments_that_follow_the_last_channel(tmp_path):
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(COMMENTED)
+    assert run(cfg, "add", "c", "--kind", "ollama", "--base-url", "http://127.0.0.1:11435") == 0
+    assert cfg.read_text() == COMMENTED + (
+        '\n[[channels]]\nname = "c"\nkind = "ollama"\nbase_url = "http://127.0.0.1:11435"\n')
+    for name in ("a", "b", "c"):
+        assert run(cfg, "remove", name) == 0
+    text = cfg.read_text()
+    assert comment_lines(text) == [
+        "# head", "# Channels, most preferred first.", "# [[channels]]          a third, some day",
+        '# name = "c"']
+    assert parse_settings(text, cfg).channels == ()
+
+
+def test_crlf_file_keeps_its_line_breaks(tmp_path):
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_bytes(b'[gateway]\r\nusage_log = "u.jsonl"  # crlf\r\n')
+    assert run(cfg, "add", "b", "--kind", "ollama", "--base-url", "http://127.0.0.1:1") == 0
+    data = cfg.read_bytes()
+    assert data.count(b"\n") == data.count(b"\r\n") > 3
+    assert run(cfg, "remove", "b") == 0
+    assert cfg.read_bytes() == b'[gateway]\r\nusage_log = "u.jsonl"  # crlf\r\n'
 
 
 # --- test -----------------------------------------------------------------------------------------

@@ -63,3 +63,19 @@ def test_entrypoint_is_executable_and_the_image_uses_it():
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     assert "COPY deploy/entrypoint.sh /keygate/entrypoint.sh" in dockerfile
     assert 'ENTRYPOINT ["/keygate/entrypoint.sh"]' in dockerfile
+
+
+@pytest.mark.parametrize("tool", ["keys", "channels", "usage"])
+def test_keygate_tools_run_the_keygate_command(run_entrypoint, tool):
+    assert run_entrypoint(tool, "--help") == ["keygate", tool, "--help"]
+
+
+def test_the_image_installs_keygate_and_uses_its_command():
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    # The checkout is installed, so the entrypoint's gateway.py is the installed one's.
+    assert "COPY pyproject.toml README.md /keygate/" in dockerfile
+    assert "COPY addons /keygate/addons" in dockerfile
+    assert "RUN pip install --no-cache-dir -e /keygate" in dockerfile
+    assert "docker exec keygate keygate keys add alice" in dockerfile
+    assert "python -m keygate" not in dockerfile
+    assert "-s /keygate/addons/gateway.py" in ENTRYPOINT.read_text()

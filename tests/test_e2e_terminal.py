@@ -1,5 +1,5 @@
 """End to end: a model name is any string a valid key sends, and it reaches the usage log;
-`scripts/usage` must show it without letting it act on the operator's terminal (retitle the
+`keygate usage` must show it without letting it act on the operator's terminal (retitle the
 window, clear the screen, forge a TOTAL row) or flood it (a 1 MB name)."""
 
 from __future__ import annotations
@@ -32,10 +32,12 @@ RAW = {*map(chr, range(0x20)), *map(chr, range(0x7f, 0xa0)), *map(chr, range(0x2
 
 
 def report(config: Path, *args: str) -> subprocess.CompletedProcess:
-    """scripts/usage as it runs: `python -m keygate.cli.usage` with addons/ on the path."""
+    """`keygate usage` as it runs, a process of its own writing to a pipe: `python -m
+    keygate.cli.main usage` with addons/ on the path."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "addons")}
-    return subprocess.run([sys.executable, "-m", "keygate.cli.usage", "--config", str(config),
-                           *args], capture_output=True, env=env, timeout=120)
+    return subprocess.run([sys.executable, "-m", "keygate.cli.main", "usage",
+                           "--config", str(config), *args], capture_output=True, env=env,
+                          timeout=120)
 
 
 def assert_terminal_safe(out: bytes) -> str:

@@ -1,4 +1,5 @@
-"""keygate/model/keyring.py: keys.yaml parsed into a KeyRing looked up by sha256 digest (SPEC 2, 3)."""
+"""keygate/model/keyring.py: keys.yaml parsed into a KeyRing looked up by sha256 digest
+(docs/configuration.md, docs/endpoints.md#authentication)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""scripts/keys (keygate.cli.keys): keys.yaml edits keep the operator's file, store only
-digests, refuse bad input without touching the file, and print a new key alone on stdout."""
+"""`keygate keys` (keygate.cli.keys, scripts/keys): keys.yaml edits keep the operator's file,
+store only digests, refuse bad input without touching the file, and print a new key alone on
+stdout."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "addons") not in sys.path:
     sys.path.insert(0, str(ROOT / "addons"))
 
-from keygate.cli import keys as keytool  # noqa: E402
+from keygate.cli.common import note  # noqa: E402
+from keygate.cli.main import main  # noqa: E402
 from keygate.model.keyring import parse_keys  # noqa: E402
 
 KEY_RE = re.compile(r"^sk-[A-Za-z0-9]{48}$")
@@ -72,8 +74,13 @@ def keys_file(gateway: Path) -> Path:
     return gateway.parent / "keys.yaml"
 
 
+def keys(*argv: str) -> int:
+    """`keygate keys ...`, in this process: its exit status; output to capsys."""
+    return main(["keys", *argv])
+
+
 def run(gateway: Path, *argv: str) -> int:
-    return keytool.main(["--config", str(gateway), *argv])
+    return keys("--config", str(gateway), *argv)
 
 
 def comment_lines(text: str) -> list[str]:
@@ -340,7 +347,7 @@ def test_usage_errors_exit_2_without_traceback(gateway, keys_file, capsys):
     assert run(gateway, "frobnicate") == 2
     assert "Traceback" not in capsys.readouterr().err
     assert not keys_file.exists()
-    assert keytool.main(["--help"]) == 0
+    assert keys("--help") == 0
 
 
 def test_a_broken_file_is_not_edited(gateway, keys_file, capsys):
@@ -355,7 +362,7 @@ def test_a_broken_file_is_not_edited(gateway, keys_file, capsys):
 def test_a_broken_gateway_toml_is_one_line(tmp_path, capsys):
     cfg = tmp_path / "gateway.toml"
     cfg.write_text("[gateway\n")
-    assert keytool.main(["--config", str(cfg), "list"]) == 2
+    assert keys("--config", str(cfg), "list") == 2
     err = capsys.readouterr().err
     assert str(cfg) in err and err.count("\n") == 1
 
@@ -439,7 +446,7 @@ def test_list_shows_odd_values_escaped_and_cut(gateway, keys_file, capsys):
 
 
 def test_notes_are_one_escaped_line(capsys):
-    keytool.note("keys", "cannot read x\x1b[2J\nforged: line\x07")
+    note("keys", "cannot read x\x1b[2J\nforged: line\x07")
     err = capsys.readouterr().err
     assert err == "keys: cannot read x\\x1b[2J\\nforged: line\\x07\n"
 
@@ -452,7 +459,7 @@ def test_list_without_keys(gateway, capsys):
 
 def test_keygate_config_env_is_the_default(gateway, keys_file, capsys, monkeypatch):
     monkeypatch.setenv("KEYGATE_CONFIG", str(gateway))
-    assert keytool.main(["add", "envkey"]) == 0
+    assert keys("add", "envkey") == 0
     key = capsys.readouterr().out.strip()
     assert parse_keys(keys_file.read_text(), keys_file).lookup(key).name == "envkey"
 
@@ -506,7 +513,7 @@ def test_any_sequence_of_edits_keeps_every_other_comment(ops):
         for op, name in ops:
             sink = io.StringIO()
             with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-                rc = keytool.main(["--config", str(cfg), op, name])
+                rc = keys("--config", str(cfg), op, name)
             if op == "add":
                 assert rc == (2 if name in model else 0)
                 model.setdefault(name, False)

@@ -707,7 +707,7 @@ def test_load_logs_nothing_alarming_for_a_clean_log(tmp_path, caplog):
 
 # --------------------------------------------------------------------------- carried forward
 #
-# Rotation must not change a quota (SPEC 6): the counts of the files it deletes are
+# Rotation must not change a quota (docs/usage-log.md): the counts of the files it deletes are
 # carried in the sidecar, and tokens_total is the key's lifetime.
 
 

@@ -1,4 +1,5 @@
-"""scripts/usage (keygate.cli.usage): grouping, time filters, formats, rotated files, errors."""
+"""`keygate usage` (keygate.cli.usage over keygate.accounting.totals, scripts/usage): grouping,
+time filters, formats, rotated files, errors."""
 
 from __future__ import annotations
 
@@ -18,18 +19,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "addons"))
 
 from keygate.accounting.log import encode, rotated_name  # noqa: E402
-from keygate.cli import usage as report  # noqa: E402
-from keygate.cli.usage import (  # noqa: E402
+from keygate.accounting.totals import (  # noqa: E402
     Row,
     Totals,
     aggregate,
     canonical,
-    format_table,
-    main,
     parse_by,
-    parse_when,
     record_ts,
 )
+from keygate.cli.main import main as keygate  # noqa: E402
+from keygate.cli.usage import format_table  # noqa: E402
+from keygate.times import parse_when  # noqa: E402
 
 NOW = datetime(2026, 11, 26, 12, 0, 0, 500_000, tzinfo=timezone.utc)
 
@@ -64,6 +64,11 @@ def log(tmp_path) -> Path:
     torn = encode(rec("2026-11-26T11:59:00.000Z"))[:50]
     p.write_bytes(encode(RECORDS[3]) + encode(RECORDS[4]) + torn)
     return p
+
+
+def main(argv: list[str]) -> int:
+    """`keygate usage ...`, in this process: its exit status; output to capsys."""
+    return keygate(["usage", *argv])
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -290,7 +295,8 @@ def test_toml_omits_nulls(capsys, log):
     assert doc["rows"][0] == {"requests": 1, "prompt_tokens": 0, "completion_tokens": 0,
                               "total_tokens": 0, "errors": 1}
     assert doc["rows"][1]["key"] == "alice" and doc["rows"][1]["channel"] == "local"
-    assert "TOML has no null" in report.build_parser().format_help()
+    assert main(["--help"]) == 0
+    assert "TOML has no null" in capsys.readouterr().out
 
 
 def test_table_with_filters(capsys, log, monkeypatch):
@@ -328,9 +334,7 @@ def test_missing_log_is_an_empty_report(capsys, tmp_path):
     (["--frobnicate"], "unrecognized arguments"),
 ])
 def test_user_errors_are_one_line(capsys, tmp_path, argv, message):
-    with pytest.raises(SystemExit) as exc:
-        main(["--log", str(tmp_path / "u.jsonl"), *argv])
-    assert exc.value.code == 2
+    assert main(["--log", str(tmp_path / "u.jsonl"), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("usage: error:")
@@ -362,26 +366,30 @@ def test_config_names_the_log(capsys, monkeypatch, log):
 
 def test_bad_config_is_one_line(capsys, monkeypatch):
     _fake_config(monkeypatch, error="gateway.toml:3: usage_log_keep must be a number")
-    with pytest.raises(SystemExit) as exc:
-        main(["--config", "x.toml"])
-    assert exc.value.code == 2
+    assert main(["--config", "x.toml"]) == 2
     assert "gateway.toml:3: usage_log_keep must be a number" in capsys.readouterr().err
 
 
 def test_python_m_and_the_script_wrapper(tmp_path, log):
     # scripts/usage sources scripts/lib/env.sh (which may install into .venv); run it in a
-    # copy whose env.sh only sets what the real one exports.
+    # copy whose env.sh only sets what the real one exports, with a `keygate` command first
+    # on PATH that runs this checkout's.
     (tmp_path / "kg" / "scripts" / "lib").mkdir(parents=True)
+    (tmp_path / "bin").mkdir()
     shutil.copy(ROOT / "scripts" / "usage", tmp_path / "kg" / "scripts" / "usage")
+    (tmp_path / "bin" / "keygate").write_text(
+        f'#!/bin/sh\nexec "{sys.executable}" -m keygate.cli.main "$@"\n')
+    (tmp_path / "bin" / "keygate").chmod(0o755)
     (tmp_path / "kg" / "scripts" / "lib" / "env.sh").write_text(
-        f'KEYGATE_PY="{sys.executable}"\nPYTHONPATH="{ROOT / "addons"}"\nexport PYTHONPATH\n')
+        f'KEYGATE_PY="{sys.executable}"\nPYTHONPATH="{ROOT / "addons"}"\n'
+        f'PATH="{tmp_path / "bin"}:$PATH"\nexport PATH PYTHONPATH\n')
     assert os.access(ROOT / "scripts" / "usage", os.X_OK)
     out = subprocess.run([str(tmp_path / "kg" / "scripts" / "usage"), "--log", str(log),
                           "--by", "channel"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[-1].split() == ["TOTAL", "5", "117", "58", "175", "2"]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "addons"))
-    out = subprocess.run([sys.executable, "-m", "keygate.cli.usage", "--log", str(log),
+    out = subprocess.run([sys.executable, "-m", "keygate.cli.main", "usage", "--log", str(log),
                           "--since", "nonsense"], capture_output=True, text=True, env=env,
                          timeout=60)
     assert out.returncode == 2 and "Traceback" not in out.stderr

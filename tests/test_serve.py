@@ -1,30 +1,47 @@
 """scripts/serve, the README's front door, run as a new user runs it: a copy of the checkout
-with no config, `--demo`, a real client, then SIGTERM to what it started."""
+with no config and keygate not yet installed, `--demo`, a real client, then SIGTERM to what
+it started."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import openai
 import pytest
 
-from conftest import Output, copy_checkout, eventually, free_port
+from conftest import ROOT, Output, copy_checkout, eventually, free_port
 
-START_TIMEOUT = 120.0  # the first run may install keygate's dependencies into the venv
+START_TIMEOUT = 120.0  # the first run installs keygate into the venv
+
+
+def layered_venv(path: Path) -> Path:
+    """A new venv with this one's packages on its path (a .pth file) but no keygate: what
+    scripts/serve installs into it is the copy of the checkout, from its pyproject.toml,
+    with no download but the build backend's, and this venv stays as it was."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True,
+                   timeout=120)
+    (site,) = (path / "lib").glob("python3*/site-packages")
+    base = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
+    (site / "keygate-test-base.pth").write_text("".join(f"{p}\n" for p in base))
+    return path
 
 
 @pytest.fixture
 def serve(tmp_path):
     root = copy_checkout(tmp_path / "keygate", serve=True).parents[1]
+    shutil.copy(ROOT / "README.md", root / "README.md")  # pyproject.toml's readme
     port = free_port()
     # As under systemd or docker: stdout is a pipe, and nothing in the environment asks
     # Python not to buffer it.
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONUNBUFFERED", "KEYGATE_CONFIG")}
-    env["KEYGATE_VENV"] = sys.prefix
+    env["KEYGATE_VENV"] = str(layered_venv(tmp_path / "venv"))
     proc = subprocess.Popen(
         [str(root / "scripts" / "serve"), "--demo", "--listen", f"127.0.0.1:{port}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=root,

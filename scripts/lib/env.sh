@@ -1,9 +1,10 @@
-# Sourced by the commands in scripts/: makes sure .venv holds what keygate needs
-# (installing it on first use, and again when pyproject.toml changes), then sets
+# Sourced by the commands in scripts/: makes sure .venv holds keygate, installed from this
+# checkout (`pip install -e`, on first use and again when pyproject.toml changes), then sets
 #   ROOT        the checkout
 #   KEYGATE_PY  the venv's python
-#   PATH        with the venv's bin first (mitmdump)
-#   PYTHONPATH  with addons/ first, so `python -m keygate.<tool>` works
+#   PATH        with the venv's bin first (keygate, mitmdump)
+#   PYTHONPATH  with addons/ first, so the checkout's own code runs even in a venv that a
+#               keygate from elsewhere was installed into (KEYGATE_VENV)
 # Set KEYGATE_EXTRAS=test before sourcing to install the test dependencies too.
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -22,12 +23,19 @@ _keygate_python() {
     return 1
 }
 
+_keygate_stamped() {  # STAMP WANT: STAMP records WANT
+    [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]
+}
+
 _keygate_install() {
     local extras="${KEYGATE_EXTRAS:-}"
     local stamp="$VENV/.keygate-installed${extras:+-$extras}"
     local want
-    want="$(cat "$ROOT/pyproject.toml" | cksum)"
-    if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    # What an install depends on: the checkout it points at (editable) and pyproject.toml.
+    want="$ROOT $(cksum <"$ROOT/pyproject.toml")"
+    # An install with the test extras has everything a plain one has.
+    if [ -x "$VENV/bin/keygate" ] && { _keygate_stamped "$stamp" "$want" ||
+        { [ -z "$extras" ] && _keygate_stamped "$VENV/.keygate-installed-test" "$want"; }; }; then
         return 0
     fi
     if [ ! -x "$VENV/bin/python" ]; then
@@ -36,22 +44,15 @@ _keygate_install() {
         echo "keygate: creating $VENV" >&2
         "$py" -m venv "$VENV" || return 1
     fi
-    echo "keygate: installing dependencies into $VENV" >&2
-    # The requirement list lives in pyproject.toml alone; read it from there.
-    "$VENV/bin/python" - "$ROOT/pyproject.toml" "$extras" >"$VENV/.keygate-requirements.txt" <<'PY' || return 1
-import sys, tomllib
-project = tomllib.load(open(sys.argv[1], "rb"))["project"]
-reqs = list(project["dependencies"])
-for extra in filter(None, sys.argv[2].split(",")):
-    reqs += project["optional-dependencies"][extra]
-print("\n".join(reqs))
-PY
+    echo "keygate: installing keygate${extras:+ with its $extras extras} into $VENV" >&2
+    # The project itself: its dependencies (pyproject.toml alone lists them), the `keygate`
+    # command, and addons/ on the venv's path.
     "$VENV/bin/python" -m pip install --disable-pip-version-check -q \
-        -r "$VENV/.keygate-requirements.txt" >&2 || return 1
+        -e "$ROOT${extras:+[$extras]}" >&2 || return 1
     echo "$want" >"$stamp"
 }
 
-_keygate_install || { echo "keygate: could not install dependencies" >&2; exit 1; }
+_keygate_install || { echo "keygate: could not install keygate into $VENV" >&2; exit 1; }
 KEYGATE_PY="$VENV/bin/python"
 PATH="$VENV/bin:$PATH"
 PYTHONPATH="$ROOT/addons${PYTHONPATH:+:$PYTHONPATH}"

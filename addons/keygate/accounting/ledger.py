@@ -1,4 +1,5 @@
-"""Per-key counters derived from the usage log (SPEC 6, 7): they feed the quotas.
+"""Per-key counters derived from the usage log (docs/usage-log.md, docs/limits.md): they feed the
+quotas.
 
 The log is the source of truth. `Ledger.load` rebuilds the counters from the live file, its
 rotated files and what rotation deleted; `Ledger.add` keeps them current in memory as
@@ -16,7 +17,7 @@ summary of what was already counted, per file:
   entry does not cover (for a rotated file usually none, for the live file the last
   seconds).
 
-Rotation must not change a quota (SPEC 6): a client that makes the log rotate fast must
+Rotation must not change a quota (docs/usage-log.md): a client that makes the log rotate fast must
 not make keygate forget what a key used. So the sidecar also carries the "retired" tally:
 the counts of every log file that is gone. The writer hands each rotation to
 `Ledger.rotate`, which, under a lock, counts the files it drops to their end in the
@@ -62,6 +63,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Mapping
 
 from keygate.accounting.log import log_files, parse_line, read_log
+from keygate.files import write_atomic
 
 try:
     import fcntl
@@ -84,14 +86,14 @@ TAIL_BYTES = 4096  # ~10 lines, request ids included
 
 
 def counts(record: dict) -> bool:
-    """Whether a record counts for quotas (SPEC 7): a key was identified (a string) and
+    """Whether a record counts for quotas (docs/limits.md): a key was identified (a string) and
     keygate did not refuse the request. Upstream failures count: they were forwarded."""
     error = record.get("error")
     return type(record.get("key")) is str and not (type(error) is str and error in REFUSED)
 
 
 def day_of(ts: Any) -> str | None:
-    """The UTC day "YYYY-MM-DD" of a SPEC 6 timestamp, or None if it has none."""
+    """The UTC day "YYYY-MM-DD" of a usage-log timestamp, or None if it has none."""
     if type(ts) is not str or len(ts) < 10 or ts[4] != "-" or ts[7] != "-":
         return None
     try:
@@ -478,13 +480,9 @@ def write_sidecar(path: Path, segments: list[Segment], retired_text: str, window
     """Replace the sidecar atomically: a reader sees the old or the new one, never a mix."""
     text = (f'{{"version":{SIDECAR_VERSION},"window_days":{window},"retired":{retired_text},'
             f'"files":[' + ",".join(s.json_text for s in segments) + "]}")
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(text.encode("utf-8", "backslashreplace"))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # Its temp file is named for this process: _remove_stale_temps knows them by that.
+    write_atomic(path, text, 0o644, durable=False,
+                 tmp=path.with_name(f"{path.name}.{os.getpid()}.tmp"))
 
 
 @contextmanager

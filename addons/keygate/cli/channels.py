@@ -1,17 +1,22 @@
-"""scripts/channels: add, list, remove and test the upstream channels in gateway.toml (SPEC 8).
+"""`keygate channels` (scripts/channels): add, list, remove and test the upstream channels in
+gateway.toml (README.md, Commands; docs/configuration.md, Channels).
 
-    scripts/channels add local --kind ollama --base-url http://127.0.0.1:11434 --models 'llama3.2:*'
-    scripts/channels add deepseek --kind openai --base-url https://api.deepseek.com/v1 \\
+    keygate channels add local --kind ollama --base-url http://127.0.0.1:11434 --models 'llama3.2:*'
+    keygate channels add deepseek --kind openai --base-url https://api.deepseek.com/v1 \\
         --models 'deepseek-*' --api-key-env DEEPSEEK_API_KEY
-    scripts/channels list [--format table|json]
-    scripts/channels remove NAME
-    scripts/channels test NAME
+    keygate channels list [--format table|json]
+    keygate channels remove NAME
+    keygate channels test NAME
 
-gateway.toml is read with tomllib and written whole with tomli-w, which does not keep
-comments; every setting and the order of the channels stay. Each new text is validated the
-way the gateway would read it (`keygate.model.settings.parse_settings`) before it is written
-atomically. The one exception: an `api_key_env` variable unset in this shell only warns,
-because the gateway's own environment is what counts.
+gateway.toml is the operator's file, so an edit changes the channels and nothing else:
+tomlkit (round-trip TOML) keeps every comment, blank line, order and spelling. A new
+channel goes after the last one; a removed channel takes its header, its settings and the
+comments among them, while comment lines after it that a blank line sets apart (a
+commented-out example, a note about what follows) stay where they were. Each new text is
+validated the way the gateway would read it (`keygate.model.settings.parse_settings`), and
+must hold exactly the settings intended, before it is written atomically. The one
+exception: an `api_key_env` variable unset in this shell only warns, because the gateway's
+own environment is what counts.
 
 `test` talks to the upstream directly with urllib (no proxy from the environment, no
 redirects, so the credential never goes anywhere but base_url) and reports status and
@@ -21,12 +26,10 @@ an error body) is shown escaped and cut (keygate.cli.tables): it must not act on
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import copy
 import json
 import os
-import re
-import sys
 import time
 import tomllib
 import urllib.error
@@ -35,79 +38,204 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tomli_w
+import click
+import tomlkit
+from tomlkit.items import AoT, Array, Comment, Table, Whitespace
 
-from keygate.cli.keys import (
+from keygate.cli.common import (
+    DEFAULT_CONFIG,
     LIST_WIDTH,
-    CommaList,
+    Group,
+    OneOf,
     UserError,
+    comma_list,
+    config_option,
     config_path,
     load_gateway,
     locked,
     note,
     read_text,
     reason,
-    run_cli,
     tool_environ,
     write_atomic,
 )
 from keygate.cli.tables import cell, escape, render_table
-from keygate.model.settings import (
-    DEFAULT_CONFIG,
-    KINDS,
-    Channel,
-    ConfigError,
-    Settings,
-    parse_settings,
-)
+from keygate.model.settings import KINDS, Channel, ConfigError, parse_settings
 
 PROG = "channels"
 GLOB_CHARS = "*?["
-# Quoted strings first, so a '#' inside one is not taken for a comment.
-_TOML_STRING_OR_COMMENT = re.compile(r'"(?:[^"\\\n]|\\.)*"|\'[^\'\n]*\'|#')
 
 
-def has_comments(text: str) -> bool:
-    """Whether a TOML text has a comment (good enough for gateway.toml: no multi-line strings
-    are expected there, and a false positive only prints a note)."""
-    return any(m.group() == "#" for m in _TOML_STRING_OR_COMMENT.finditer(text))
+# --- gateway.toml, edited in place ------------------------------------------------------------
 
 
-# --- reading and writing gateway.toml ---------------------------------------------------------
+class GatewayFile:
+    """gateway.toml three ways: its text, its settings as tomllib reads them (what the edit
+    is checked against), and a tomlkit document (what is edited, then rendered)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.text = read_text(path)
+        if self.text is None:
+            self.data: dict[str, Any] = {}
+            self.doc = tomlkit.document()
+            return
+        try:
+            self.data = tomllib.loads(self.text)
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"{path}: {e} (fix the file first; nothing was changed)") from None
+        try:
+            self.doc = tomlkit.parse(self.text)
+        except Exception as e:  # tomlkit's errors vary by version; any means "by hand"
+            raise UserError(f"{path}: cannot edit this file by machine ({e}); "
+                            "edit it by hand") from None
+        if self.doc.as_string() != self.text:
+            raise UserError(f"{path}: cannot edit this file by machine without changing "
+                            "other lines; edit it by hand")
+        channels = self.data.get("channels", [])
+        if not isinstance(channels, list) or not all(isinstance(c, dict) for c in channels):
+            raise UserError(f"{path}: 'channels' must be an array of tables [[channels]]")
+
+    def _tidy(self, text: str) -> str:
+        """The edited text with the file's line breaks (tomlkit writes new lines with "\\n";
+        a file written with "\\r\\n" alone keeps them), and one line break at its end, as a
+        text editor leaves it: an edit at the end must not leave blank lines behind it."""
+        crlf = "\r\n" in (self.text or "") and self.text.count("\n") == self.text.count("\r\n")
+        text = text.replace("\r\n", "\n") if crlf else text
+        text = text.rstrip("\n") + "\n" if text.strip() else ""
+        return text.replace("\n", "\r\n") if crlf else text
+
+    def names(self) -> list[Any]:
+        return [c.get("name") for c in self.data.get("channels", [])]
+
+    def added(self, channel: dict[str, Any]) -> str:
+        """The text with `channel` after the last channel (or at the end of the file)."""
+        channels = self.doc.get("channels")
+        if channels is None:
+            aot = tomlkit.aot()
+            aot.append(_table(channel))
+            self.doc.append("channels", aot)
+        elif isinstance(channels, AoT):
+            last = _deepest_last(channels[-1])
+            if not last.as_string().endswith("\n\n"):
+                last.add(tomlkit.nl())  # a blank line between the last channel and the new one
+            channels.append(_table(channel))
+        elif isinstance(channels, Array):  # channels = [{...}, ...], inline
+            table = tomlkit.inline_table()
+            table.update(channel)
+            channels.append(table)
+        else:
+            raise UserError(f"{self.path}: cannot add to this 'channels' by machine; "
+                            "edit the file by hand")
+        return self._tidy(self.doc.as_string())
+
+    def removed(self, index: int) -> str:
+        """The text without channel `index`. Comment lines after its last setting stay
+        when a blank line sets them apart from it: they are about the file, not it."""
+        old = self.doc.as_string()
+        channels = self.doc["channels"]
+        if isinstance(channels, Array):
+            if len(channels) > 1:
+                del channels[index]
+            else:
+                del self.doc["channels"]
+            return self._tidy(self.doc.as_string())
+        kept = _file_comments_after(channels[index])
+        if len(channels) > 1:
+            del channels[index]
+        else:
+            del self.doc["channels"]  # no channels: back to mitmdump's reverse-mode target
+        new = self.doc.as_string()
+        cut = _cut(old, new)
+        if cut is None:
+            raise UserError(f"{self.path}: cannot remove that channel by machine without "
+                            "changing other lines; edit the file by hand")
+        if not kept:
+            return self._tidy(new)
+        if cut == 0 or new[:cut].endswith(("\n\n", "\n\r\n")):
+            kept = kept.lstrip("\r\n")
+        return self._tidy(new[:cut] + kept + new[cut:])
 
 
-def load_doc(path: Path) -> tuple[str | None, dict[str, Any]]:
-    text = read_text(path)
-    if text is None:
-        return None, {}
+def _table(channel: dict[str, Any]) -> Table:
+    """A new [[channels]] table, with a blank line after it, as between the example's
+    tables (at the end of the file `_tidy` takes it away again)."""
+    table = tomlkit.item(channel)
+    _deepest_last(table).add(tomlkit.nl())
+    return table
+
+
+def _deepest_last(table: Table) -> Table:
+    """The table whose body is rendered last in `table`: itself, or its last sub-table
+    ([channels.model_map]), where the lines before the next header end."""
+    while True:
+        last = None
+        for key, item in table.value.body:
+            if key is not None:
+                last = item
+        if not isinstance(last, Table):
+            return table
+        table = last
+
+
+def _file_comments_after(table: Table) -> str:
+    """The text of the comment lines after a channel's last setting that a blank line sets
+    apart from it (with the blank lines around them), or "" when there are none."""
+    body = _deepest_last(table).value.body
+    n = len(body)
+    while n and body[n - 1][0] is None and isinstance(body[n - 1][1], (Comment, Whitespace)):
+        n -= 1
+    tail = [item for _, item in body[n:]]
+    first_blank = next((i for i, item in enumerate(tail) if isinstance(item, Whitespace)), None)
+    if first_blank is None:
+        return ""  # comments right under the last setting belong to the channel
+    rest = tail[first_blank:]
+    if not any(isinstance(item, Comment) for item in rest):
+        return ""
+    return "".join(item.as_string() for item in rest)
+
+
+def _cut(old: str, new: str) -> int | None:
+    """Where `new` is `old` with one table cut out: the offset in `new` at which the cut
+    piece started, at the start of a line with its `[[` header. None if there is no such
+    place (then the edit changed more than that table, and is not made)."""
+    size = len(old) - len(new)
+    if size <= 0:
+        return None
+    prefix = 0
+    limit = len(new)
+    while prefix < limit and old[prefix] == new[prefix]:
+        prefix += 1
+    suffix = 0
+    while suffix < limit and old[-1 - suffix] == new[-1 - suffix]:
+        suffix += 1
+    for at in range(prefix, max(limit - suffix, 0) - 1, -1):
+        if at and old[at - 1] != "\n":
+            continue
+        if old[at:at + size].lstrip(" \t").startswith("[[") and \
+                old[:at] + old[at + size:] == new:
+            return at
+    return None
+
+
+def save(gw: GatewayFile, new_text: str, expected: dict[str, Any]) -> None:
+    """Validate `new_text` as the gateway would read it, check that it holds exactly the
+    `expected` settings, then write it atomically."""
+    path = gw.path
     try:
-        return text, tomllib.loads(text)
+        data = tomllib.loads(new_text)
     except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{path}: {e} (fix the file first; nothing was changed)") from None
-
-
-def channel_list(doc: dict[str, Any], path: Path) -> list[Any]:
-    channels = doc.get("channels", [])
-    if not isinstance(channels, list):
-        raise UserError(f"{path}: 'channels' must be an array of tables [[channels]]")
-    return channels
-
-
-def save(path: Path, old_text: str | None, doc: dict[str, Any]) -> Settings:
-    """Validate `doc` as the gateway would read it, then write it atomically."""
-    new_text = tomli_w.dumps(doc)
-    env = tool_environ(doc)
+        raise UserError(f"not changed: {e}") from None
     try:
-        settings = parse_settings(new_text, path, environ=env)
+        parse_settings(new_text, path, environ=tool_environ(data))
     except ConfigError as e:
         raise UserError(f"not changed: {reason(e, path)}") from None
+    if data != expected:
+        raise UserError(f"not changed: the edit of {path} did not come out as intended; "
+                        "edit the file by hand")
     # gateway.toml holds no secret (credentials stay in the environment): a new file gets
     # the usual 0644; an existing file keeps its mode.
     write_atomic(path, new_text, new_mode=0o644)
-    if old_text is not None and has_comments(old_text):
-        note(PROG, f"note: {path} was rewritten with tomli-w, which does not keep comments; "
-                   "its comments are gone (settings and order are kept)")
-    return settings
 
 
 # --- add / remove / list ----------------------------------------------------------------------
@@ -129,72 +257,70 @@ def parse_map(items: list[str]) -> dict[str, str]:
     return out
 
 
-def number(text: str) -> int | float:
-    """argparse type for --weight: an int stays an int in the TOML."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+class Number(click.ParamType):
+    """--weight: a number; an int stays an int in the TOML."""
+
+    name = "N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None):
+        if isinstance(value, (int, float)):
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            pass
+        try:
+            return float(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a number", param, ctx)
 
 
-def whole(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+class Whole(click.ParamType):
+    """--priority: a whole number, negative allowed."""
+
+    name = "N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None):
+        if isinstance(value, int):
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a whole number", param, ctx)
 
 
-def cmd_add(args: argparse.Namespace) -> int:
-    path = config_path(args.config)
-    with locked(path.parent) if path.parent.is_dir() else contextlib.nullcontext():
-        old_text, doc = load_doc(path)
-        channels = channel_list(doc, path)
-        if any(isinstance(c, dict) and c.get("name") == args.name for c in channels):
-            raise UserError(f"channel {args.name!r} already exists in {path} "
+def _folder_lock(path: Path):
+    return locked(path.parent) if path.parent.is_dir() else contextlib.nullcontext()
+
+
+def add_channel(config: str | None, channel: dict[str, Any]) -> Path:
+    path = config_path(config)
+    with _folder_lock(path):
+        gw = GatewayFile(path)
+        if channel["name"] in gw.names():
+            raise UserError(f"channel {channel['name']!r} already exists in {path} "
                             f"(remove it first to change it)")
-        ch: dict[str, Any] = {"name": args.name, "kind": args.kind, "base_url": args.base_url}
-        if args.models:
-            ch["models"] = list(dict.fromkeys(args.models))
-        if args.priority is not None:
-            ch["priority"] = args.priority
-        if args.weight is not None:
-            ch["weight"] = args.weight
-        if args.api_key_env:
-            ch["api_key_env"] = args.api_key_env
-        if args.no_stream_usage:
-            ch["stream_usage"] = False
-        mapping = parse_map(args.map or [])
-        if mapping:
-            ch["model_map"] = mapping
-        doc["channels"] = [*channels, ch]
-        save(path, old_text, doc)
-    note(PROG, f"added channel {args.name!r} to {path}")
-    if args.api_key_env and not os.environ.get(args.api_key_env):
-        note(PROG, f"note: {args.api_key_env} is not set here; the gateway needs it in its own "
-                   "environment, or it will refuse to start")
-    return 0
+        expected = copy.deepcopy(gw.data)
+        expected["channels"] = [*expected.get("channels", []), channel]
+        save(gw, gw.added(channel), expected)
+    return path
 
 
-def cmd_remove(args: argparse.Namespace) -> int:
-    path = config_path(args.config)
-    with locked(path.parent) if path.parent.is_dir() else contextlib.nullcontext():
-        old_text, doc = load_doc(path)
-        channels = channel_list(doc, path)
-        kept = [c for c in channels if not (isinstance(c, dict) and c.get("name") == args.name)]
-        if len(kept) == len(channels):
-            raise UserError(f"no channel named {args.name!r} in {path}", 1)
-        if kept:
-            doc["channels"] = kept
-        else:
-            del doc["channels"]  # no channels: back to mitmdump's reverse-mode target
-        save(path, old_text, doc)
-    left = "" if kept else "; with no channels left, requests go to mitmdump's reverse target"
-    note(PROG, f"removed channel {args.name!r} from {path}{left}")
-    return 0
+def remove_channel(config: str | None, name: str) -> tuple[Path, int]:
+    """Remove channel `name`; returns (path, channels left)."""
+    path = config_path(config)
+    with _folder_lock(path):
+        gw = GatewayFile(path)
+        names = gw.names()
+        if name not in names:
+            raise UserError(f"no channel named {name!r} in {path}", 1)
+        index = names.index(name)
+        expected = copy.deepcopy(gw.data)
+        del expected["channels"][index]
+        if not expected["channels"]:
+            del expected["channels"]
+        save(gw, gw.removed(index), expected)
+    return path, len(expected.get("channels", []))
 
 
 def channel_record(ch: Channel) -> dict[str, Any]:
@@ -213,16 +339,7 @@ def channel_record(ch: Channel) -> dict[str, Any]:
     }
 
 
-def cmd_list(args: argparse.Namespace) -> int:
-    path = config_path(args.config)
-    settings = load_gateway(path)
-    rows = [channel_record(c) for c in settings.channels]
-    if args.format == "json":
-        print(json.dumps(rows, indent=2))
-        return 0
-    if not rows:
-        note(PROG, f"no channels in {path}: every request goes to mitmdump's reverse-mode target")
-        return 0
+def list_table(rows: list[dict[str, Any]]) -> str:
     header = ["NAME", "KIND", "BASE_URL", "MODELS", "MODEL_MAP", "PRIORITY", "WEIGHT",
               "API_KEY_ENV", "STREAM_USAGE"]
     table = [header] + [
@@ -236,8 +353,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         ]
         for r in rows
     ]
-    print(render_table(table, max_width=LIST_WIDTH))
-    return 0
+    return render_table(table, max_width=LIST_WIDTH)
 
 
 # --- test ------------------------------------------------------------------------------------
@@ -341,12 +457,13 @@ def say(line: str) -> None:
     print(escape(line))
 
 
-def cmd_test(args: argparse.Namespace) -> int:
-    path = config_path(args.config)
+def check_channel(config: str | None, name: str, model: str | None, timeout: float) -> int:
+    """`channels test`: list the upstream's models, send it a one-token chat, report both."""
+    path = config_path(config)
     settings = load_gateway(path)
-    ch = next((c for c in settings.channels if c.name == args.name), None)
+    ch = next((c for c in settings.channels if c.name == name), None)
     if ch is None:
-        raise UserError(f"no channel named {args.name!r} in {path}", 1)
+        raise UserError(f"no channel named {name!r} in {path}", 1)
     token = None
     if ch.api_key_env:
         token = os.environ.get(ch.api_key_env) or None
@@ -360,7 +477,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 
     say(f"channel {ch.name}: {ch.kind} at {ch.base_url}"
         + (f" (credential from ${ch.api_key_env})" if token else ""))
-    listing = fetch(list_url, None, token, args.timeout)
+    listing = fetch(list_url, None, token, timeout)
     models = listed_models(ch.kind, listing.body) if listing.ok else None
     line = f"GET  {list_url} -> {listing.status} in {listing.ms:.1f} ms"
     if listing.ok and models is None:
@@ -374,7 +491,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         line += f"; {_snippet(listing.body, token)}"
     say(line)
 
-    model = args.model or pick_model(ch, models)
+    model = model or pick_model(ch, models)
     if model is None:
         say(f"POST {chat_url} -> skipped: no model to try (give one with --model)")
         chat_ok = False
@@ -385,7 +502,7 @@ def cmd_test(args: argparse.Namespace) -> int:
                     "options": {"num_predict": 1}}
         else:
             body = {"model": model, "messages": messages, "max_tokens": 1}
-        chat = fetch(chat_url, body, token, args.timeout)
+        chat = fetch(chat_url, body, token, timeout)
         line = f"POST {chat_url} (model {cell(model)}) -> {chat.status} in {chat.ms:.1f} ms"
         if not chat.ok and chat.body:
             line += f"; {_snippet(chat.body, token)}"
@@ -398,68 +515,110 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 # --- command line ------------------------------------------------------------------------------
 
-
-def build_parser() -> argparse.ArgumentParser:
-    config_help = f"gateway.toml to edit (default: $KEYGATE_CONFIG, else {DEFAULT_CONFIG})"
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=config_help)
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Edit and test the [[channels]] of keygate's gateway.toml. The file is "
-                    "rewritten with tomli-w, which DROPS COMMENTS (settings and order are "
-                    "kept; a note says when comments were dropped).",
-    )
-    parser.add_argument("--config", metavar="PATH", default=None, help=config_help)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    add = sub.add_parser("add", parents=[common], help="add a channel",
-                         description="Add channel NAME at the end of gateway.toml's channels. "
-                                     "Note: tomli-w rewrites the file without its comments.")
-    add.add_argument("name", metavar="NAME")
-    add.add_argument("--kind", required=True, choices=KINDS)
-    add.add_argument("--base-url", required=True, metavar="URL",
-                     help="ollama: the server root; openai: the base URL you would give the "
-                          "openai client (e.g. https://api.deepseek.com/v1)")
-    add.add_argument("--models", action=CommaList, metavar="A,B",
-                     help="glob patterns of model names it serves (default: *)")
-    add.add_argument("--map", action="extend", nargs="+", metavar="ALIAS=UPSTREAM",
-                     help="model_map entries: requested name -> upstream name")
-    add.add_argument("--priority", type=whole, metavar="N",
-                     help="higher is tried first (default 0)")
-    add.add_argument("--weight", type=number, metavar="N",
-                     help="share among channels of equal priority (default 1)")
-    add.add_argument("--api-key-env", metavar="VAR",
-                     help="environment variable holding the upstream credential (sent as "
-                          "Authorization: Bearer); the credential itself is never written")
-    add.add_argument("--no-stream-usage", action="store_true",
-                     help="do not ask this upstream for usage in OpenAI streams")
-    add.set_defaults(func=cmd_add)
-
-    lst = sub.add_parser("list", parents=[common], help="show the channels")
-    lst.add_argument("--format", choices=("table", "json"), default="table")
-    lst.set_defaults(func=cmd_list)
-
-    rm = sub.add_parser("remove", parents=[common], help="remove a channel",
-                        description="Remove channel NAME. Note: tomli-w rewrites the file "
-                                    "without its comments.")
-    rm.add_argument("name", metavar="NAME")
-    rm.set_defaults(func=cmd_remove)
-
-    test = sub.add_parser("test", parents=[common], help="check reachability and latency",
-                          description="List the upstream's models and send it a one-token "
-                                      "chat; print status and latency. Exit 0 when both work.")
-    test.add_argument("name", metavar="NAME")
-    test.add_argument("--model", metavar="M", help="model for the chat request (default: the "
-                      "first model_map target, plain models entry or listed model it serves)")
-    test.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
-                      help="per request (default 60: a cold model may take a while to load)")
-    test.set_defaults(func=cmd_test)
-    return parser
+CONFIG_HELP = f"gateway.toml to edit (default: $KEYGATE_CONFIG, else {DEFAULT_CONFIG})"
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(build_parser(), argv, PROG)
+def _complete_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion of NAME: the channels in gateway.toml."""
+    try:
+        settings = load_gateway(config_path(ctx.params.get("config")))
+    except Exception:  # completion must never print an error into the operator's prompt
+        return []
+    return [c.name for c in settings.channels if c.name.startswith(incomplete)]
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+@click.group("channels", cls=Group)
+@config_option(CONFIG_HELP)
+def cli(config: str | None) -> None:
+    """Edit and test the [[channels]] of keygate's gateway.toml. Edits keep the file's
+    comments, order and formatting: only the channel added or removed changes."""
+
+
+@cli.command("add", short_help="add a channel")
+@click.argument("name", metavar="NAME")
+@click.option("--kind", required=True, type=OneOf(KINDS), help="the upstream's API")
+@click.option("--base-url", required=True, metavar="URL",
+              help="ollama: the server root; openai: the base URL you would give the openai "
+                   "client (e.g. https://api.deepseek.com/v1)")
+@click.option("--models", multiple=True, callback=comma_list, metavar="A,B",
+              help="glob patterns of model names it serves (default: *)")
+@click.option("--map", "mapping", multiple=True, metavar="ALIAS=UPSTREAM",
+              help="model_map entries: requested name -> upstream name (comma-separated, "
+                   "may repeat)")
+@click.option("--priority", type=Whole(), metavar="N", help="higher is tried first (default 0)")
+@click.option("--weight", type=Number(), metavar="N",
+              help="share among channels of equal priority (default 1)")
+@click.option("--api-key-env", metavar="VAR",
+              help="environment variable holding the upstream credential (sent as "
+                   "Authorization: Bearer); the credential itself is never written")
+@click.option("--no-stream-usage", is_flag=True,
+              help="do not ask this upstream for usage in OpenAI streams")
+@config_option(CONFIG_HELP)
+def add_command(name: str, kind: str, base_url: str, models: list[str], mapping: tuple[str, ...],
+                priority: int | None, weight: int | float | None, api_key_env: str | None,
+                no_stream_usage: bool, config: str | None) -> int:
+    """Add channel NAME after the last channel of gateway.toml; the rest of the file stays
+    as it is, comments included."""
+    channel: dict[str, Any] = {"name": name, "kind": kind, "base_url": base_url}
+    if models:
+        channel["models"] = list(dict.fromkeys(models))
+    if priority is not None:
+        channel["priority"] = priority
+    if weight is not None:
+        channel["weight"] = weight
+    if api_key_env:
+        channel["api_key_env"] = api_key_env
+    if no_stream_usage:
+        channel["stream_usage"] = False
+    model_map = parse_map(list(mapping))
+    if model_map:
+        channel["model_map"] = model_map
+    path = add_channel(config, channel)
+    note(PROG, f"added channel {name!r} to {path}")
+    if api_key_env and not os.environ.get(api_key_env):
+        note(PROG, f"note: {api_key_env} is not set here; the gateway needs it in its own "
+                   "environment, or it will refuse to start")
+    return 0
+
+
+@cli.command("list", short_help="show the channels")
+@click.option("--format", "fmt", type=OneOf(("table", "json")), default="table",
+              help="output format (table)")
+@config_option(CONFIG_HELP)
+def list_command(fmt: str, config: str | None) -> int:
+    """Show the channels of gateway.toml; never a credential, only the name of the variable
+    that holds it."""
+    path = config_path(config)
+    rows = [channel_record(c) for c in load_gateway(path).channels]
+    if fmt == "json":
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        note(PROG, f"no channels in {path}: every request goes to mitmdump's reverse-mode target")
+    else:
+        print(list_table(rows))
+    return 0
+
+
+@cli.command("remove", short_help="remove a channel")
+@click.argument("name", metavar="NAME", shell_complete=_complete_names)
+@config_option(CONFIG_HELP)
+def remove_command(name: str, config: str | None) -> int:
+    """Remove channel NAME: its header, its settings and the comments among them. The rest
+    of the file stays as it is."""
+    path, left = remove_channel(config, name)
+    tail = "" if left else "; with no channels left, requests go to mitmdump's reverse target"
+    note(PROG, f"removed channel {name!r} from {path}{tail}")
+    return 0
+
+
+@cli.command("test", short_help="check reachability and latency")
+@click.argument("name", metavar="NAME", shell_complete=_complete_names)
+@click.option("--model", metavar="M", help="model for the chat request (default: the first "
+              "model_map target, plain models entry or listed model it serves)")
+@click.option("--timeout", type=float, default=60.0, metavar="SECONDS",
+              help="per request (default 60: a cold model may take a while to load)")
+@config_option(CONFIG_HELP)
+def test_command(name: str, model: str | None, timeout: float, config: str | None) -> int:
+    """List the upstream's models and send it a one-token chat; print status and latency.
+    Exit 0 when both work."""
+    return check_channel(config, name, model, timeout)

@@ -1,12 +1,13 @@
-"""scripts/keys: create, list, revoke, enable, rotate and remove API keys in keys.yaml (SPEC 8).
+"""`keygate keys` (scripts/keys): create, list, revoke, enable, rotate and remove API keys in
+keys.yaml (README.md, Commands; docs/configuration.md, Keys).
 
-    scripts/keys add alice --models 'llama3.2:*,gpt-4o-mini' --rpm 60 --expires 2027-01-01
-    scripts/keys list [--format table|json]
-    scripts/keys revoke|enable|rotate|remove alice
+    keygate keys add alice --models 'llama3.2:*,gpt-4o-mini' --rpm 60 --expires 2027-01-01
+    keygate keys list [--format table|json]
+    keygate keys revoke|enable|rotate|remove alice
 
 Secrets: a new key is `sk-` + 48 letters/digits from `secrets`; only its sha256 is stored,
 and the key itself is printed once, alone on stdout (everything else goes to stderr), so
-`KEY=$(scripts/keys add alice)` works. No command takes a secret on its command line.
+`KEY=$(keygate keys add alice)` works. No command takes a secret on its command line.
 
 Editing keeps the operator's file: ruamel.yaml (round-trip) edits one entry at a time and
 the result is spliced back into the original text, so every other line stays byte for byte.
@@ -14,32 +15,41 @@ That also sidesteps ruamel's habit of attaching a comment written above key B to
 key A: an entry's span is worked out from the text, and a comment above B never is part of
 A's span. Every new text is validated with `keygate.model.keyring.parse_keys` before it is written
 (atomically, keeping the file's mode; a new file gets 0600).
-
-The other scripts/ tools share the small helpers here (config path, lenient settings,
-atomic write, folder lock, user errors).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import datetime as dt
 import io
 import json
-import os
 import re
 import secrets
 import string
-import sys
-import tempfile
-import tomllib
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable
 
+import click
 import yaml
 
-from keygate.cli.tables import escape, render_table
+from keygate.cli.common import (
+    COUNT,
+    DEFAULT_CONFIG,
+    LIST_WIDTH,
+    Group,
+    OneOf,
+    UserError,
+    comma_list,
+    config_option,
+    config_path,
+    load_gateway,
+    locked,
+    note,
+    read_text,
+    reason,
+    write_atomic,
+)
+from keygate.cli.tables import render_table
 from keygate.model.keyring import (
     LIMIT_NAMES,
     NAME_RE,
@@ -48,192 +58,18 @@ from keygate.model.keyring import (
     KeyRing,
     digest,
     parse_keys,
-    parse_when,
 )
-from keygate.model.settings import (
-    DEFAULT_CONFIG,
-    ConfigError,
-    Settings,
-    default_settings,
-    parse_settings,
-)
+from keygate.model.settings import ConfigError, Settings
+from keygate.times import is_date, parse_when
 
+PROG = "keys"
 KEY_ALPHABET = string.ascii_letters + string.digits
 KEY_LENGTH = 48
 KEYS_HEADER = (
-    "# keygate API keys (SPEC 2). Only the sha256 of each key is stored here; the key itself\n"
-    "# is shown once, by `scripts/keys add` or `scripts/keys rotate`. Hand edits are fine:\n"
-    "# scripts/keys keeps comments and order.\n"
+    "# keygate API keys (docs/configuration.md). Only the sha256 of each key is stored\n"
+    "# here; the key itself is shown once, by `scripts/keys add` or `scripts/keys rotate`.\n"
+    "# Hand edits are fine: scripts/keys keeps comments and order.\n"
 )
-PLACEHOLDER = "set-in-the-gateway-environment"
-# A list's cells are cut (marked) beyond this many columns: as wide as the longest key name,
-# so a name is never cut; a longer list of models is, and `--format json` shows it whole.
-LIST_WIDTH = 128
-
-
-# --- helpers shared with chantool -----------------------------------------------------------
-
-
-class UserError(Exception):
-    """A problem the operator can fix. Printed as one line; `code` is the exit status."""
-
-    def __init__(self, message: str, code: int = 2):
-        super().__init__(message)
-        self.code = code
-
-
-def config_path(arg: str | None) -> Path:
-    """--config, else $KEYGATE_CONFIG (hermetic tests), else config/gateway.toml."""
-    raw = arg or os.environ.get("KEYGATE_CONFIG") or DEFAULT_CONFIG
-    return Path(raw).expanduser().resolve()
-
-
-def tool_environ(doc: Mapping[str, Any] | None) -> dict[str, str]:
-    """os.environ plus a placeholder for every channel api_key_env that is unset here.
-
-    The gateway's own environment holds the upstream credentials, often not the operator's
-    shell: a CLI that only edits files must not fail because of that.
-    """
-    env = dict(os.environ)
-    channels = (doc or {}).get("channels")
-    if isinstance(channels, list):
-        for ch in channels:
-            var = ch.get("api_key_env") if isinstance(ch, dict) else None
-            if isinstance(var, str) and var and not env.get(var):
-                env[var] = PLACEHOLDER
-    return env
-
-
-def read_text(path: Path) -> str | None:
-    """The file's text, or None when it does not exist."""
-    try:
-        with open(path, encoding="utf-8", newline="") as f:  # keep "\r\n" as it is
-            return f.read()
-    except FileNotFoundError:
-        return None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text: {e}") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read: {e.strerror or e}", 1) from None
-
-
-def load_gateway(path: Path) -> Settings:
-    """gateway.toml as the gateway reads it, except that unset api_key_env is tolerated."""
-    text = read_text(path)
-    if text is None:
-        return default_settings(path)
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError:
-        doc = None  # parse_settings reports it with the file name
-    env = tool_environ(doc)
-    try:
-        return parse_settings(text, path, environ=env)
-    except ConfigError as e:
-        raise UserError(str(e)) from None
-
-
-def reason(err: Exception, path: Path) -> str:
-    """An error about a text that was never written, without its (meaningless) file:line."""
-    msg = str(err)
-    if msg.startswith(str(path)):
-        msg = re.sub(r"^:(\d+:)?\s*", "", msg[len(str(path)):])
-    return msg
-
-
-@contextlib.contextmanager
-def locked(folder: Path) -> Iterator[None]:
-    """Serialise read-modify-write cycles of two tools run at once.
-
-    The lock is on the folder, not the file: the file is replaced by rename, so a lock on
-    its inode would protect nothing. Advisory and best effort (released on close).
-    """
-    fd = None
-    try:
-        import fcntl
-
-        fd = os.open(folder, os.O_RDONLY)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    except (ImportError, OSError):
-        pass
-    try:
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
-def write_atomic(path: Path, text: str, new_mode: int = 0o600) -> None:
-    """Replace `path` with `text` so a reader (the gateway's reloader) sees old or new, whole.
-
-    Temp file in the same folder (rename is atomic only within a file system), fsync before
-    the rename, the original file's mode and owner kept (a new file gets `new_mode`).
-    A symlinked file is written through to its target, keeping the link.
-    """
-    path = Path(os.path.realpath(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        st = os.stat(path)
-        mode, owner = st.st_mode & 0o7777, (st.st_uid, st.st_gid)
-    except FileNotFoundError:
-        mode, owner = new_mode, None
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            if owner is not None:
-                with contextlib.suppress(OSError):  # only root may give a file away
-                    os.fchown(f.fileno(), *owner)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-
-def quiet_stdout() -> None:
-    """After a broken pipe: point stdout at /dev/null so the exit flush does not complain."""
-    with contextlib.suppress(OSError, ValueError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-
-
-def note(prog: str, msg: str) -> None:
-    """One line on stderr. Escaped (keygate.cli.tables): a message may quote a file, a log or
-    an upstream, and none of that may act on the terminal or start a line of its own."""
-    print(f"{prog}: {escape(msg)}", file=sys.stderr)
-
-
-class CommaList(argparse.Action):
-    """`--opt a,b --opt c` -> ["a", "b", "c"]: comma-separated and repeatable."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        items = list(getattr(namespace, self.dest, None) or [])
-        new = [v.strip() for v in str(values).split(",") if v.strip()]
-        if not new:
-            parser.error(f"{option_string} needs at least one value")
-        items.extend(new)
-        setattr(namespace, self.dest, items)
-
-
-def count(text: str) -> int:
-    """argparse type: a whole number >= 0."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return n
 
 
 # --- keys.yaml as text plus positions -------------------------------------------------------
@@ -527,34 +363,37 @@ def _flow(items: list, quote: bool):
 
 
 def parse_expiry(text: str) -> dt.date | dt.datetime:
-    """--expires: a date stays a date; a datetime is stored in UTC (no zone means UTC)."""
+    """--expires: read as keys.yaml's expires_at is (keygate.times); a date stays a date in
+    the file, a datetime is stored in UTC."""
     try:
-        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text.strip()):
-            return dt.date.fromisoformat(text.strip())
-        return parse_when(text)
+        when = parse_when(text)
     except ValueError:
         raise UserError(f"--expires: {text!r} is not an ISO 8601 date or datetime "
                         "(e.g. 2027-01-01 or 2027-01-01T12:00:00Z)") from None
+    return when.date() if is_date(text) else when
 
 
-def _new_entry(args: argparse.Namespace, digest_hex: str):
+def _new_entry(digest_hex: str, models: Iterable[str], scopes: Iterable[str],
+               expires: str | None, allow_ips: Iterable[str], limits: dict[str, int],
+               disabled: bool):
     from ruamel.yaml.comments import CommentedMap
 
     entry = CommentedMap()
     entry["key_sha256"] = _quoted(digest_hex)
-    entry["enabled"] = not args.disabled
-    if args.expires:
-        entry["expires_at"] = parse_expiry(args.expires)
-    if args.scopes:
-        unknown = [s for s in args.scopes if s not in SCOPES]
+    entry["enabled"] = not disabled
+    if expires:
+        entry["expires_at"] = parse_expiry(expires)
+    scopes, models, allow_ips = (list(dict.fromkeys(x)) for x in (scopes, models, allow_ips))
+    if scopes:
+        unknown = [s for s in scopes if s not in SCOPES]
         if unknown:
             raise UserError(f"unknown scope {unknown[0]!r} (scopes: {', '.join(SCOPES)})")
-        entry["scopes"] = _flow(list(dict.fromkeys(args.scopes)), quote=False)
-    if args.models:
-        entry["models"] = _flow(list(dict.fromkeys(args.models)), quote=True)
-    if args.allow_ips:
-        entry["allow_ips"] = _flow(list(dict.fromkeys(args.allow_ips)), quote=True)
-    limits = {n: getattr(args, n) for n in LIMIT_NAMES if getattr(args, n) is not None}
+        entry["scopes"] = _flow(scopes, quote=False)
+    if models:
+        entry["models"] = _flow(models, quote=True)
+    if allow_ips:
+        entry["allow_ips"] = _flow(allow_ips, quote=True)
+    limits = {n: limits[n] for n in LIMIT_NAMES if limits.get(n) is not None}
     if limits:
         entry["limits"] = CommentedMap(limits)
     return entry
@@ -579,56 +418,62 @@ def _others_unchanged(kf: KeysFile, new: KeyRing, name: str, removed: bool = Fal
     return old == rest and (name not in new.by_name) == removed
 
 
-def _keys_path(args: argparse.Namespace) -> Path:
-    return load_gateway(config_path(args.config)).keys_file
+def keys_path(config: str | None) -> Path:
+    """The keys_file of gateway.toml `config` (keygate.cli.common.config_path's default)."""
+    return load_gateway(config_path(config)).keys_file
 
 
-def cmd_add(args: argparse.Namespace) -> int:
-    if not NAME_RE.fullmatch(args.name):
-        raise UserError(f"key name {args.name!r}: use letters, digits, '.', '_', '@' or '-' "
+def add_key(config: str | None, name: str, *, models: Iterable[str] = (),
+            scopes: Iterable[str] = (), expires: str | None = None,
+            allow_ips: Iterable[str] = (), limits: dict[str, int] | None = None,
+            disabled: bool = False) -> tuple[Path, str, Any]:
+    """Create key `name` in the keys file of gateway.toml `config`, printing nothing.
+    Returns (keys file, the new secret, its expiry as stored). `keygate serve` makes its
+    first key with this too."""
+    if not NAME_RE.fullmatch(name):
+        raise UserError(f"key name {name!r}: use letters, digits, '.', '_', '@' or '-' "
                         "(up to 128, starting with a letter or digit)")
     secret = new_secret()
-    entry = _new_entry(args, sha256_hex(secret))  # refuses a bad scope or date before any I/O
-    path = _keys_path(args)
+    # Refuses a bad scope or date before any I/O.
+    entry = _new_entry(sha256_hex(secret), models, scopes, expires, allow_ips, limits or {},
+                       disabled)
+    path = keys_path(config)
     path.parent.mkdir(parents=True, exist_ok=True)
     with locked(path.parent):
         kf = KeysFile(path)
-        if args.name in kf.ring.by_name:
-            raise UserError(f"key {args.name!r} already exists in {path} "
-                            f"(use 'rotate {args.name}' for a new secret)")
-        new_text = kf.appended(args.name, entry)
-        _validated(kf, new_text, lambda r: _others_unchanged(kf, r, args.name)
-                   and r.lookup(secret) is r.by_name[args.name])
+        if name in kf.ring.by_name:
+            raise UserError(f"key {name!r} already exists in {path} "
+                            f"(use 'rotate {name}' for a new secret)")
+        new_text = kf.appended(name, entry)
+        _validated(kf, new_text, lambda r: _others_unchanged(kf, r, name)
+                   and r.lookup(secret) is r.by_name[name])
         write_atomic(path, new_text)
-    _warn_if_expired(entry.get("expires_at"))
-    note("keys", f"added key {args.name!r} to {path}; it is shown only this once:")
-    print(secret, flush=True)
-    return 0
+    return path, secret, entry.get("expires_at")
 
 
 def _warn_if_expired(when: Any) -> None:
     if when is not None and parse_when(when) <= dt.datetime.now(dt.timezone.utc):
-        note("keys", "note: that expiry is in the past, so the key is already expired")
+        note(PROG, "note: that expiry is in the past, so the key is already expired")
 
 
 def _edit(
-    args: argparse.Namespace, edit: Callable[[Any], None], change: Callable[[Key], Key]
+    config: str | None, name: str, edit: Callable[[Any], None], change: Callable[[Key], Key]
 ) -> tuple[Path, bool]:
     """Edit one entry. `change` says what the parsed key must become (and nothing else);
     when the key is that already, the file is left alone. Returns (path, changed)."""
-    path = _keys_path(args)
+    path = keys_path(config)
     if not path.parent.is_dir():
-        raise UserError(f"no key named {args.name!r}: {path} does not exist", 1)
+        raise UserError(f"no key named {name!r}: {path} does not exist", 1)
     with locked(path.parent):
         kf = KeysFile(path)
-        if args.name not in kf.ring.by_name:
-            raise UserError(f"no key named {args.name!r} in {path}", 1)
-        want = change(kf.ring.by_name[args.name])
-        if want == kf.ring.by_name[args.name]:
+        if name not in kf.ring.by_name:
+            raise UserError(f"no key named {name!r} in {path}", 1)
+        want = change(kf.ring.by_name[name])
+        if want == kf.ring.by_name[name]:
             return path, False
-        new_text = kf.replaced(args.name, edit)
-        _validated(kf, new_text, lambda r: _others_unchanged(kf, r, args.name)
-                   and r.by_name[args.name] == want)
+        new_text = kf.replaced(name, edit)
+        _validated(kf, new_text, lambda r: _others_unchanged(kf, r, name)
+                   and r.by_name[name] == want)
         write_atomic(path, new_text)
     return path, True
 
@@ -644,28 +489,7 @@ def _set_enabled(value: bool) -> Callable[[Any], None]:
     return edit
 
 
-def cmd_revoke(args: argparse.Namespace) -> int:
-    path, changed = _edit(args, _set_enabled(False), lambda k: replace(k, enabled=False))
-    if changed:
-        note("keys", f"revoked key {args.name!r} in {path} (enabled: false; 'enable' undoes it)")
-    else:
-        note("keys", f"key {args.name!r} is already revoked; {path} not changed")
-    return 0
-
-
-def cmd_enable(args: argparse.Namespace) -> int:
-    path, changed = _edit(args, _set_enabled(True), lambda k: replace(k, enabled=True))
-    if changed:
-        note("keys", f"enabled key {args.name!r} in {path}")
-    else:
-        note("keys", f"key {args.name!r} is already enabled; {path} not changed")
-    return 0
-
-
-def cmd_rotate(args: argparse.Namespace) -> int:
-    secret = new_secret()
-    digest_hex = sha256_hex(secret)
-
+def _rotated(digest_hex: str) -> Callable[[Any], None]:
     def edit(entry: Any) -> None:
         if "key_sha256" in entry:
             entry["key_sha256"] = _quoted(digest_hex)
@@ -678,26 +502,21 @@ def cmd_rotate(args: argparse.Namespace) -> int:
         if comment is not None:
             entry.ca.items["key_sha256"] = comment
 
-    path, _ = _edit(args, edit, lambda k: replace(k, digest=bytes.fromhex(digest_hex)))
-    note("keys", f"new secret for key {args.name!r} in {path} (the old one no longer works); "
-                 "it is shown only this once:")
-    print(secret, flush=True)
-    return 0
+    return edit
 
 
-def cmd_remove(args: argparse.Namespace) -> int:
-    path = _keys_path(args)
+def remove_key(config: str | None, name: str) -> Path:
+    path = keys_path(config)
     if not path.parent.is_dir():
-        raise UserError(f"no key named {args.name!r}: {path} does not exist", 1)
+        raise UserError(f"no key named {name!r}: {path} does not exist", 1)
     with locked(path.parent):
         kf = KeysFile(path)
-        if args.name not in kf.ring.by_name:
-            raise UserError(f"no key named {args.name!r} in {path}", 1)
-        new_text = kf.removed(args.name)
-        _validated(kf, new_text, lambda r: _others_unchanged(kf, r, args.name, removed=True))
+        if name not in kf.ring.by_name:
+            raise UserError(f"no key named {name!r} in {path}", 1)
+        new_text = kf.removed(name)
+        _validated(kf, new_text, lambda r: _others_unchanged(kf, r, name, removed=True))
         write_atomic(path, new_text)
-    note("keys", f"removed key {args.name!r} from {path}")
-    return 0
+    return path
 
 
 # --- list --------------------------------------------------------------------------------------
@@ -708,7 +527,7 @@ def _usage_today(settings: Settings, names: list[str]) -> dict[str, dict[str, in
     try:
         from keygate.accounting.ledger import Ledger
     except ImportError:
-        return None  # keygate.ledger not there (yet): list works without usage
+        return None  # keygate.accounting.ledger not there: list works without usage
     day = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     try:
         ledger = Ledger.load(settings.usage_log, settings.usage_log_keep)
@@ -721,7 +540,7 @@ def _usage_today(settings: Settings, names: list[str]) -> dict[str, dict[str, in
             for n in names
         }
     except Exception as e:  # an unreadable log must not hide the key list
-        note("keys", f"usage not shown: cannot read {settings.usage_log}: {e}")
+        note(PROG, f"usage not shown: cannot read {settings.usage_log}: {e}")
         return None
 
 
@@ -776,102 +595,135 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return render_table([header, *shown], max_width=LIST_WIDTH)
 
 
-def cmd_list(args: argparse.Namespace) -> int:
-    settings = load_gateway(config_path(args.config))
+# --- command line ------------------------------------------------------------------------------
+
+CONFIG_HELP = (f"gateway.toml whose keys_file to edit (default: $KEYGATE_CONFIG, else "
+               f"{DEFAULT_CONFIG})")
+
+
+def _complete_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion of NAME: the keys in the file, never anything about their secrets."""
+    try:
+        path = keys_path(ctx.params.get("config"))
+        ring = parse_keys(read_text(path) or "", path)
+    except Exception:  # completion must never print an error into the operator's prompt
+        return []
+    return [n for n in ring.by_name if n.startswith(incomplete)]
+
+
+def _limit_options(f: Callable) -> Callable:
+    # Applied last to first, so --help lists them in LIMIT_NAMES' order.
+    for name in reversed(LIMIT_NAMES):
+        f = click.option(f"--{name.replace('_', '-')}", name, type=COUNT, metavar="N",
+                         help=f"limit: {name}")(f)
+    return f
+
+
+@click.group("keys", cls=Group)
+@config_option(CONFIG_HELP)
+def cli(config: str | None) -> None:
+    """Manage keygate's API keys in keys.yaml. Only sha256 digests are stored; a new key is
+    printed once, alone on stdout. Comments and order are kept."""
+
+
+@cli.command("add", short_help="create a key and print it once")
+@click.argument("name", metavar="NAME")
+@click.option("--models", multiple=True, callback=comma_list, metavar="A,B",
+              help="glob patterns of model names the key may use (default: all)")
+@click.option("--scopes", multiple=True, callback=comma_list, metavar="S,..",
+              help=f"from {', '.join(SCOPES)} (default: inference,models)")
+@click.option("--expires", metavar="DATE|DATETIME",
+              help="ISO 8601; a date means 00:00 UTC that day, no zone means UTC")
+@click.option("--allow-ips", multiple=True, callback=comma_list, metavar="CIDR,..",
+              help="client addresses allowed (default: any)")
+@_limit_options
+@click.option("--disabled", is_flag=True, help="create it disabled (enabled: false)")
+@config_option(CONFIG_HELP)
+def add_command(name: str, models: list[str], scopes: list[str], expires: str | None,
+                allow_ips: list[str], disabled: bool, config: str | None,
+                **limits: int | None) -> int:
+    """Create key NAME: prints `sk-` + 48 letters/digits alone on stdout (shown only this
+    once); stores only its sha256. List options take comma-separated values and may repeat."""
+    path, secret, expires_at = add_key(config, name, models=models, scopes=scopes,
+                                       expires=expires, allow_ips=allow_ips, limits=limits,
+                                       disabled=disabled)
+    _warn_if_expired(expires_at)
+    note(PROG, f"added key {name!r} to {path}; it is shown only this once:")
+    print(secret, flush=True)
+    return 0
+
+
+@cli.command("list", short_help="show keys, their policy and today's usage")
+@click.option("--format", "fmt", type=OneOf(("table", "json")), default="table",
+              help="output format (table)")
+@config_option(CONFIG_HELP)
+def list_command(fmt: str, config: str | None) -> int:
+    """Show every key's policy and today's (UTC) requests and tokens from the usage log.
+    Never shows a secret or digest."""
+    settings = load_gateway(config_path(config))
     kf = KeysFile(settings.keys_file, editing=False)
     names = list(kf.ring.by_name)
     usage = _usage_today(settings, names) if names else None
     now = dt.datetime.now(dt.timezone.utc)
     rows = [key_record(k, (usage or {}).get(k.name), now) for k in kf.ring.by_name.values()]
-    if args.format == "json":
+    if fmt == "json":
         print(json.dumps(rows, indent=2))
     elif not rows:
-        note("keys", f"no keys in {settings.keys_file} (add one: scripts/keys add NAME)")
+        note(PROG, f"no keys in {settings.keys_file} (add one: scripts/keys add NAME)")
     else:
         print(_table(rows))
     return 0
 
 
-# --- command line ------------------------------------------------------------------------------
+name_argument = click.argument("name", metavar="NAME", shell_complete=_complete_names)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    config_help = (f"gateway.toml whose keys_file to edit (default: $KEYGATE_CONFIG, else "
-                   f"{DEFAULT_CONFIG})")
-    # --config is accepted before and after the command; SUPPRESS keeps the subcommand's
-    # copy from overwriting a value given before it.
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=config_help)
-
-    parser = argparse.ArgumentParser(
-        prog="keys",
-        description="Manage keygate's API keys in keys.yaml. Only sha256 digests are stored; "
-                    "a new key is printed once, alone on stdout. Comments and order are kept.",
-    )
-    parser.add_argument("--config", metavar="PATH", default=None, help=config_help)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    add = sub.add_parser("add", parents=[common], help="create a key and print it once",
-                         description="Create key NAME: prints `sk-` + 48 letters/digits alone on "
-                                     "stdout (shown only this once); stores only its sha256. "
-                                     "List options take comma-separated values and may repeat.")
-    add.add_argument("name", metavar="NAME")
-    add.add_argument("--models", action=CommaList, metavar="A,B",
-                     help="glob patterns of model names the key may use (default: all)")
-    add.add_argument("--scopes", action=CommaList, metavar="S,..",
-                     help=f"from {', '.join(SCOPES)} (default: inference,models)")
-    add.add_argument("--expires", metavar="DATE|DATETIME",
-                     help="ISO 8601; a date means 00:00 UTC that day, no zone means UTC")
-    add.add_argument("--allow-ips", action=CommaList, metavar="CIDR,..",
-                     help="client addresses allowed (default: any)")
-    for name in LIMIT_NAMES:
-        add.add_argument(f"--{name.replace('_', '-')}", dest=name, type=count, metavar="N",
-                         help=f"limit: {name}")
-    add.add_argument("--disabled", action="store_true", help="create it disabled (enabled: false)")
-    add.set_defaults(func=cmd_add)
-
-    lst = sub.add_parser("list", parents=[common], help="show keys, their policy and today's usage",
-                         description="Show every key's policy and today's (UTC) requests and "
-                                     "tokens from the usage log. Never shows a secret or digest.")
-    lst.add_argument("--format", choices=("table", "json"), default="table")
-    lst.set_defaults(func=cmd_list)
-
-    for command, func, text in (
-        ("revoke", cmd_revoke, "disable a key (enabled: false); it stays in the file"),
-        ("enable", cmd_enable, "enable a key again"),
-        ("rotate", cmd_rotate, "give a key a new secret, printed once; name and usage stay"),
-        ("remove", cmd_remove, "delete a key and the comment block directly above it"),
-    ):
-        p = sub.add_parser(command, parents=[common], help=text, description=text)
-        p.add_argument("name", metavar="NAME")
-        p.set_defaults(func=func)
-    return parser
+@cli.command("revoke")
+@name_argument
+@config_option(CONFIG_HELP)
+def revoke_command(name: str, config: str | None) -> int:
+    """Disable a key (enabled: false); it stays in the file."""
+    path, changed = _edit(config, name, _set_enabled(False), lambda k: replace(k, enabled=False))
+    if changed:
+        note(PROG, f"revoked key {name!r} in {path} (enabled: false; 'enable' undoes it)")
+    else:
+        note(PROG, f"key {name!r} is already revoked; {path} not changed")
+    return 0
 
 
-def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None, prog: str) -> int:
-    """Parse, run the chosen command, and turn user errors into one line and a status."""
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # usage errors (2) and --help (0), already printed by argparse
-        return e.code if isinstance(e.code, int) else 2
-    try:
-        return args.func(args)
-    except UserError as e:
-        note(prog, str(e))
-        return e.code
-    except BrokenPipeError:  # `keys list | head`: not an error worth a message
-        quiet_stdout()
-        return 1
-    except OSError as e:
-        note(prog, f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e))
-        return 1
-    except KeyboardInterrupt:
-        return 130
+@cli.command("enable")
+@name_argument
+@config_option(CONFIG_HELP)
+def enable_command(name: str, config: str | None) -> int:
+    """Enable a key again."""
+    path, changed = _edit(config, name, _set_enabled(True), lambda k: replace(k, enabled=True))
+    if changed:
+        note(PROG, f"enabled key {name!r} in {path}")
+    else:
+        note(PROG, f"key {name!r} is already enabled; {path} not changed")
+    return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(build_parser(), argv, "keys")
+@cli.command("rotate")
+@name_argument
+@config_option(CONFIG_HELP)
+def rotate_command(name: str, config: str | None) -> int:
+    """Give a key a new secret, printed once; its name, policy and usage stay."""
+    secret = new_secret()
+    digest_hex = sha256_hex(secret)
+    path, _ = _edit(config, name, _rotated(digest_hex),
+                    lambda k: replace(k, digest=bytes.fromhex(digest_hex)))
+    note(PROG, f"new secret for key {name!r} in {path} (the old one no longer works); "
+               "it is shown only this once:")
+    print(secret, flush=True)
+    return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+@cli.command("remove")
+@name_argument
+@config_option(CONFIG_HELP)
+def remove_command(name: str, config: str | None) -> int:
+    """Delete a key and the comment block directly above it."""
+    path = remove_key(config, name)
+    note(PROG, f"removed key {name!r} from {path}")
+    return 0

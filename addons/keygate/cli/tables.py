@@ -1,7 +1,8 @@
-"""Text for a terminal from values anyone may have chosen, and the tables of the scripts/ tools.
+"""Text for a terminal from values anyone may have chosen, and the tables of the `keygate`
+commands.
 
-`scripts/usage` prints model names exactly as clients sent them (a valid key is enough to
-put any string in the usage log), `scripts/channels test` prints what an upstream answers,
+`keygate usage` prints model names exactly as clients sent them (a valid key is enough to
+put any string in the usage log), `keygate channels test` prints what an upstream answers,
 and the keys and channels lists print what a hand-edited file holds. A terminal acts on
 what it is given: ESC starts sequences that retitle the window, clear the screen or move
 the cursor; BEL rings; CR and LF start a line anywhere, so a value could forge a row of
@@ -15,7 +16,7 @@ non-ASCII letters included, as it is; and every table cell through `cell`, which
 it to a maximum width with a visible mark, `…(+N)`, N being the characters left out.
 Backslashes are not doubled: the escapes are for a reader, not for decoding.
 
-`render_table` lays out the tables of scripts/keys, scripts/channels and scripts/usage:
+`render_table` lays out the tables of `keygate keys`, `keygate channels` and `keygate usage`:
 columns two spaces apart, aligned by the width a terminal gives each cell once escaped
 (East Asian wide characters take two columns, combining marks none).
 """

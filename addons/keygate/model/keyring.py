@@ -1,8 +1,8 @@
 """keys.yaml, parsed into a `KeyRing`: an immutable digest -> `Key` lookup.
 
 Keys are looked up by the sha256 digest of the presented string, so no code path compares
-secrets one by one, and a `Key` holds only the digest: its repr, the log and
-`flow.metadata` see the key's name and nothing else.
+secrets one by one, and a `Key` holds only the digest: its repr, the log and the
+request state see the key's name and nothing else.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from typing import Any
 
 import yaml
 
-from keygate.model import blockyaml
-from keygate.model.blockyaml import Lined
 from keygate.model.settings import ConfigError, match_any_nocase
+from keygate.times import parse_when
 
 SCOPES = ("inference", "models", "admin")
 DEFAULT_SCOPES = frozenset({"inference", "models"})
@@ -164,11 +163,7 @@ def parse_keys(text: str, path: Path | str, cache: EntryCache | None = None) -> 
         ring = _parse_by_entry(text, cache)
         if ring is not None:
             return ring
-    # The plain block style that scripts/keys writes is read by a fast reader; anything
-    # else by PyYAML. Both give the same document (tests/test_blockyaml.py).
-    doc = blockyaml.load(text)
-    if doc is None:
-        doc = _yaml_load(text, path)
+    doc = _yaml_load(text, path)
     ring = _build(doc, path)
     if cache is not None:
         cache.entries = {}  # the next read starts the per-entry cache afresh
@@ -212,12 +207,10 @@ def _parse_by_entry(text: str, cache: EntryCache) -> KeyRing | None:
 def _parse_entry(block: str, indent: int) -> Key | None:
     dedented = "\n".join(line[indent:] if line.startswith(" " * indent) else line.lstrip(" ")
                          for line in block.split("\n"))
-    doc = blockyaml.load(dedented)
-    if doc is None:
-        try:
-            doc = yaml.load(dedented, Loader=_Loader)
-        except (yaml.YAMLError, ValueError):
-            return None
+    try:
+        doc = yaml.load(dedented, Loader=_Loader)
+    except (yaml.YAMLError, ValueError):
+        return None
     if not isinstance(doc, dict) or len(doc) != 1:
         return None
     ((name, spec),) = doc.items()
@@ -391,28 +384,13 @@ def _unmapped(net: IPNetwork) -> IPNetwork:
     return net
 
 
-def parse_when(value: Any) -> dt.datetime:
-    """A date (00:00 UTC that day) or ISO datetime (UTC when no zone) -> aware datetime."""
-    if isinstance(value, dt.datetime):
-        pass
-    elif isinstance(value, dt.date):
-        value = dt.datetime(value.year, value.month, value.day)
-    elif isinstance(value, str):
-        text = value.strip()
-        if text.endswith("Z"):
-            text = text[:-1] + "+00:00"
-        try:
-            value = dt.datetime.fromisoformat(text)
-        except ValueError:
-            raise ValueError(f"{value!r} is not an ISO 8601 date or datetime") from None
-    else:
-        raise ValueError(f"{value!r} is not a date")
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.timezone.utc)
-    return value.astimezone(dt.timezone.utc)
-
-
 _BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class Lined(dict):
+    """A dict that remembers the line of each of its keys (1-based), for error messages."""
+
+    lines: dict
 
 
 class _Loader(_BaseLoader):  # type: ignore[misc, valid-type]
