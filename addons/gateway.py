@@ -21,7 +21,7 @@ from keygate.stages.cors import Cors
 from keygate.stages.deadlines import Deadlines
 from keygate.stages.limiter import Limiter
 from keygate.stages.metering import Meter
-from keygate.stages.pipeline import Pipeline, absent_hooks
+from keygate.stages.pipeline import Pipeline
 from keygate.stages.policy import Policy
 from keygate.stages.recorder import Recorder, new_request_id
 from keygate.stages.routing import Router
@@ -45,9 +45,6 @@ stages = [
 
 # After the stages, even when one raised: refuse what they did not let through.
 addons = [Pipeline(stages, last=[failclosed.LastStage()])]
-
-# mitmproxy looks every event's hook up on this module too: answer without an exception.
-globals().update(absent_hooks(globals()))
 
 # Outside the pipeline on purpose: they must survive a broken reload of this file.
 redact.install()  # no request bytes (keys) in mitmproxy's own log lines

@@ -17,6 +17,7 @@ from mitmproxy.test import tflow
 
 from keygate.model.keyring import parse_keys
 from keygate.model.settings import parse_settings
+from keygate.request import state_of
 from keygate.stages.config import Config, State
 
 CONFIG_PATH = Path("/tmp/x/gateway.toml")
@@ -112,3 +113,12 @@ def response_json(flow: http.HTTPFlow) -> object:
 
 def request_json(flow: http.HTTPFlow) -> object:
     return json.loads(flow.request.content)
+
+
+def with_state(flow: http.HTTPFlow, **fields) -> http.HTTPFlow:
+    """Set fields of the flow's RequestState, as the stages before the one under test
+    would have."""
+    st = state_of(flow)
+    for name, value in fields.items():
+        setattr(st, name, value)
+    return flow

@@ -1,5 +1,5 @@
 """keygate/stages/auth.py: the client address, the presented key, and the Auth addon
-(SPEC 3)."""
+(docs/endpoints.md#authentication)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons
 
+from keygate.request import state_of
 from keygate.stages.auth import Auth, client_address, take_credentials
 from keygate_unit import make_config, make_flow, secret_of
 
@@ -122,9 +123,9 @@ def test_valid_key(auth):
     with taddons.context(auth):
         auth.requestheaders(f)
     assert f.response is None
-    assert f.metadata["keygate.key"] == "alice"
-    assert f.metadata["keygate.client_ip"] == "127.0.0.1"
-    assert f.metadata["keygate.path"] == "/api/chat"  # without the query
+    assert state_of(f).key == "alice"
+    assert state_of(f).client_ip == "127.0.0.1"
+    assert state_of(f).path == "/api/chat"  # without the query
     assert_no_credentials(f)
     assert_secret_nowhere(f, secret_of("alice"))
 
@@ -140,7 +141,7 @@ def test_valid_keys_in_every_header_style(auth, name, style):
     with taddons.context(auth):
         auth.requestheaders(f)
     assert f.response is None
-    assert f.metadata["keygate.key"] == name
+    assert state_of(f).key == name
     assert_no_credentials(f)
     assert_secret_nowhere(f, secret)
 
@@ -166,8 +167,8 @@ def test_refused_keys(auth, hdrs, status, code):
     assert f.response.status_code == status
     assert f.response.headers["x-keygate-error"] == code
     assert json.loads(f.response.content)["error"]["code"] == code  # /v1/*: OpenAI shape
-    assert "keygate.key" not in f.metadata
-    assert f.metadata["keygate.error"] == code
+    assert not state_of(f).key
+    assert state_of(f).error == code
     assert_no_credentials(f)
     for _, value in hdrs:
         assert_secret_nowhere(f, value.split()[-1])
@@ -182,7 +183,7 @@ def test_ip_denied_key(auth):
     assert f.response.headers["x-keygate-error"] == "permission_denied"
     assert json.loads(f.response.content) == {
         "error": "This API key may not be used from 127.0.0.1."}
-    assert f.metadata["keygate.key"] == "elsewhere"
+    assert state_of(f).key == "elsewhere"
     assert_no_credentials(f)
     assert_secret_nowhere(f, secret_of("elsewhere"))
 
@@ -195,7 +196,7 @@ def test_allow_ips_uses_the_peer(auth, peer, ok):
     with taddons.context(auth):
         auth.requestheaders(f)
     assert (f.response is None) is ok
-    assert f.metadata["keygate.key"] == "elsewhere"
+    assert state_of(f).key == "elsewhere"
 
 
 @pytest.mark.parametrize("peer, xff, client, ok", [
@@ -213,7 +214,7 @@ def test_allow_ips_behind_trusted_proxies(peer, xff, client, ok):
                   headers={"x-forwarded-for": xff})
     with taddons.context(auth):
         auth.requestheaders(f)
-    assert f.metadata["keygate.client_ip"] == client
+    assert state_of(f).client_ip == client
     assert (f.response is None) is ok
 
 
@@ -234,7 +235,7 @@ def test_unknown_endpoint_with_a_valid_key_passes_on(auth):
     with taddons.context(auth):
         auth.requestheaders(f)
     assert f.response is None
-    assert f.metadata["keygate.key"] == "alice"
+    assert state_of(f).key == "alice"
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
@@ -245,7 +246,7 @@ def test_root_needs_no_key_and_forwards_none(auth, method, hdrs):
     with taddons.context(auth):
         auth.requestheaders(f)
     assert f.response is None
-    assert "keygate.key" not in f.metadata
+    assert not state_of(f).key
     assert_no_credentials(f)
 
 
@@ -278,7 +279,7 @@ def test_already_answered_flows_are_left_alone(auth):
     with taddons.context(auth):
         auth.requestheaders(f)
     assert f.response.status_code == 204
-    assert "keygate.key" not in f.metadata
+    assert not state_of(f).key
 
 
 def test_killed_flows_are_left_alone(auth):
@@ -287,7 +288,7 @@ def test_killed_flows_are_left_alone(auth):
     with taddons.context(auth):
         auth.requestheaders(f)
     assert f.response is None
-    assert "keygate.key" not in f.metadata
+    assert not state_of(f).key
 
 
 def test_key_from_a_reloaded_keyring(auth):
@@ -319,7 +320,7 @@ def test_headers_bearing_any_key_are_not_forwarded(auth, presented):
     assert not kept & {"api-key", "x-goog-api-key", "proxy-authorization", "cookie",
                        "x-custom-token", "x-auth-list", "x-api-key", "x-echo"}
     assert other not in repr(f.request.headers)
-    assert f.metadata.get("keygate.key") == presented
+    assert state_of(f).key == presented
 
 
 def test_client_headers_named_like_keygates_own_are_not_forwarded(auth):

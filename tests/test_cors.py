@@ -1,4 +1,5 @@
-"""keygate/stages/cors.py: browser access for the origins in cors_origins, and no other (SPEC 3, 4)."""
+"""keygate/stages/cors.py: browser access for the origins in cors_origins, and no other
+(docs/endpoints.md#authentication)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons
 
+from keygate.request import state_of
 from keygate.stages.auth import Auth
 from keygate.stages.cors import Cors
 from keygate.stages.policy import Policy
@@ -52,7 +54,7 @@ def test_preflight_from_an_allowed_origin_is_answered_without_a_key(origin):
     assert "x-keygate-request-id" in h["access-control-expose-headers"]
     assert "retry-after" in h["access-control-expose-headers"]
     assert "origin" in ",".join(f.response.headers.get_all("vary")).lower()
-    assert "keygate.admitted" not in f.metadata  # nothing forwarded
+    assert not state_of(f).admitted  # nothing forwarded
 
 
 def test_preflight_without_requested_headers_gets_the_defaults():
@@ -78,7 +80,7 @@ def test_preflight_from_another_origin_is_not_answered(origin):
         cors.response(f)
     assert f.response.status_code == 401  # an OPTIONS without a key, like any other request
     assert cors_headers(f.response) == {}
-    assert "keygate.admitted" not in f.metadata
+    assert not state_of(f).admitted
 
 
 def test_options_without_a_requested_method_is_no_preflight():
@@ -194,4 +196,4 @@ def test_already_answered_flows_are_left_alone():
     with taddons.context():
         Cors(config).requestheaders(f)
     assert f.response.status_code == 418
-    assert "keygate.origin" not in f.metadata
+    assert not state_of(f).origin

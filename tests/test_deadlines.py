@@ -1,4 +1,5 @@
-"""keygate/stages/deadlines.py: slow clients lose their connection (request head and body deadlines).
+"""keygate/stages/deadlines.py: slow clients lose their connection (request head and body
+deadlines).
 
 The hooks are called directly in mitmproxy's order with a clock the test moves; `check()`
 is what the periodic timer runs. mitmproxy's proxyserver is stood in for by `FakeServer`,
@@ -17,10 +18,11 @@ from mitmproxy.flow import Error
 from mitmproxy.test import taddons, tflow
 
 from keygate.model.settings import ConfigError, parse_settings
+from keygate.request import state_of
 from keygate.stages.config import State
 from keygate.stages.deadlines import MIN_TICK, TICK, Deadlines
 from keygate.stages.recorder import build_record
-from keygate_unit import CONFIG_PATH, make_config, make_flow
+from keygate_unit import CONFIG_PATH, make_config, make_flow, with_state
 
 
 class Clock:
@@ -272,13 +274,13 @@ def test_body_deadline_counts_from_the_headers(conn):
     assert handler.closed == []
     later(d, clock, 0.5)
     assert handler.closed == [c]
-    assert f.metadata["keygate.error"] == "request_timeout"
+    assert state_of(f).error == "request_timeout"
 
 
 def test_body_timeout_usage_record_is_408_request_timeout(conn):
     d, clock, c, _ = conn
     f = body_flow(c)
-    f.metadata.update({"keygate.key": "alice", "keygate.id": "req_x"})
+    with_state(f, key="alice", id="req_x")
     headers_in(d, f)
     later(d, clock, 31)
     # What mitmproxy reports once the connection is closed mid-body.
@@ -295,7 +297,7 @@ def test_body_timeout_replaces_a_refusal_that_was_never_sent(conn):
     d, clock, c, _ = conn
     f = body_flow(c, key=None)
     f.response = http.Response.make(401)
-    f.metadata["keygate.error"] = "invalid_api_key"
+    state_of(f).error = "invalid_api_key"
     headers_in(d, f)
     later(d, clock, 31)
     f.error = Error("Client disconnected.")
@@ -330,7 +332,7 @@ def test_streamed_upload_is_exempt(conn):
     f.request.stream = True  # set by Policy, after Deadlines' requestheaders
     later(d, clock, 3600)
     assert handler.closed == [] and d.bodies == {}
-    assert "keygate.error" not in f.metadata
+    assert not state_of(f).error
 
 
 def test_head_refused_by_mitmproxy_has_no_body_deadline(conn):
@@ -382,8 +384,8 @@ def test_http2_body_deadlines_are_per_stream(conn):
     assert handler.closed == []
     later(d, clock, 15)
     assert handler.closed == [c]
-    assert slow.metadata["keygate.error"] == "request_timeout"
-    assert "keygate.error" not in done.metadata
+    assert state_of(slow).error == "request_timeout"
+    assert not state_of(done).error
 
 
 def test_several_late_streams_one_close(conn):
@@ -393,7 +395,7 @@ def test_several_late_streams_one_close(conn):
         headers_in(d, f)
     later(d, clock, 31)
     assert handler.closed == [c]
-    assert all(f.metadata["keygate.error"] == "request_timeout" for f in flows)
+    assert all(state_of(f).error == "request_timeout" for f in flows)
 
 
 def test_other_connections_are_left_alone(env):

@@ -1,4 +1,5 @@
-"""keygate/model/errors.py: keygate's own error responses in the client API's shape (SPEC 5)."""
+"""keygate/model/errors.py: keygate's own error responses in the client API's shape
+(docs/errors.md)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import pytest
 from mitmproxy.test import tflow
 
 from keygate.model.errors import CODES, error_body, make_error, refuse
+from keygate.request import state_of
 
-# SPEC 5's table: code -> status
+# The table of docs/errors.md: code -> status
 STATUS = {
     "invalid_request": 400,
     "invalid_api_key": 401,
@@ -111,7 +113,7 @@ def test_make_error(code, path):
     assert resp.headers["content-type"] == "application/json"
     assert resp.content == error_body(path, code, "Nope.")
     assert int(resp.headers["content-length"]) == len(resp.content)
-    assert f.metadata["keygate.error"] == code
+    assert state_of(f).error == code
 
 
 def test_make_error_extra_headers():
@@ -140,4 +142,4 @@ def test_refuse_sets_the_response_and_header_names():
     assert f.response.status_code == 429
     assert f.response.headers["retry-after"] == "3"
     assert json.loads(f.response.content)["error"]["code"] == "rate_limit_exceeded"
-    assert f.metadata["keygate.error"] == "rate_limit_exceeded"
+    assert state_of(f).error == "rate_limit_exceeded"

@@ -10,8 +10,10 @@ from mitmproxy import http
 from mitmproxy.proxy.layers.http import HttpRequestHeadersHook, HttpRequestHook
 from mitmproxy.test import taddons, tflow
 
+from keygate.request import state_of
 from keygate.stages.failclosed import FailClosed, LastStage
 from keygate.stages.pipeline import Pipeline
+from keygate_unit import with_state
 
 SECRET = "sk-failclosed-test-0123456789"
 
@@ -34,7 +36,7 @@ def assert_refused(f: http.HTTPFlow, message: str) -> None:
     assert f.response.status_code == 503
     assert f.response.headers["x-keygate-error"] == "gateway_unavailable"
     assert json.loads(f.response.content)["error"]["message"] == message
-    assert f.response.headers["x-keygate-request-id"] == f.metadata["keygate.id"]
+    assert f.response.headers["x-keygate-request-id"] == state_of(f).id
     assert "authorization" not in f.request.headers  # not even a flow dump shows the key
 
 
@@ -54,7 +56,7 @@ def test_a_request_a_stage_failed_on_is_refused_not_forwarded(caplog):
 def test_what_the_stages_let_through_or_answered_is_left_alone():
     guard = LastStage()
     passed = chat_flow()
-    passed.metadata.update({"keygate.seen": True, "keygate.admitted": True})
+    with_state(passed, seen=True, admitted=True)
     answered = chat_flow()
     answered.response = http.Response.make(401, b"no")
     for f in (passed, answered):
@@ -64,7 +66,7 @@ def test_what_the_stages_let_through_or_answered_is_left_alone():
     assert answered.response.status_code == 401
     # Seen by every stage but never admitted by the router: refused at the body.
     half = chat_flow()
-    half.metadata["keygate.seen"] = True
+    state_of(half).seen = True
     guard.requestheaders(half)
     assert half.response is None
     guard.request(half)

@@ -1,4 +1,5 @@
-"""keygate/stages/limiter.py: per-key rate limits and quotas with an injected clock (SPEC 5, 7)."""
+"""keygate/stages/limiter.py: per-key rate limits and quotas with an injected clock
+(docs/errors.md, docs/limits.md)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from mitmproxy.flow import Error
 from mitmproxy.test import taddons
 
 from keygate.model.keyring import Limits as KeyLimits
+from keygate.request import state_of
 from keygate.stages import limiter as limits_module
 from keygate.stages.limiter import (
     FIRST_ESTIMATE,
@@ -25,7 +27,7 @@ from keygate.stages.limiter import (
     seconds_to_utc_midnight,
     utc_day,
 )
-from keygate_unit import make_config, make_flow
+from keygate_unit import make_config, make_flow, with_state
 
 
 def at(text: str) -> float:
@@ -336,14 +338,14 @@ def test_no_limits_no_questions():
 
 def admitted(key: str = "k", path: str = "/api/chat") -> http.HTTPFlow:
     f = make_flow("POST", path, body={"model": "m"})
-    f.metadata.update({"keygate.key": key, "keygate.admitted": True, "keygate.channel": "local",
-                       "keygate.upstream_model": "m", "keygate.model": "m"})
+    with_state(f, key=key, admitted=True, channel="local",
+                       upstream_model="m", model="m")
     return f
 
 
 def finish(lim: Limiter, f: http.HTTPFlow, tokens: int = 0) -> None:
     f.response = http.Response.make(200, b"{}", {"content-type": "application/json"})
-    f.metadata["keygate.total_tokens"] = tokens
+    state_of(f).total_tokens = tokens
     lim.responseheaders(f)
     lim.response(f)
 
@@ -356,7 +358,7 @@ def test_addon_rpm_refusal():
             f = admitted()
             lim.request(f)
             assert f.response is None
-            assert f.metadata["keygate.admitted"] is True
+            assert state_of(f).admitted is True
             finish(lim, f)
             assert f.response.headers["x-ratelimit-limit-requests"] == "2"
         assert f.response.headers["x-ratelimit-remaining-requests"] == "0"
@@ -367,9 +369,9 @@ def test_addon_rpm_refusal():
     assert f.response.headers["x-keygate-error"] == "rate_limit_exceeded"
     assert f.response.headers["retry-after"] == "50"
     # Not forwarded after all: it must not look routed.
-    for k in ("keygate.admitted", "keygate.channel", "keygate.upstream_model"):
-        assert k not in f.metadata
-    assert "keygate.counted" not in f.metadata
+    st = state_of(f)
+    assert (st.admitted, st.channel, st.upstream_model) == (False, None, None)
+    assert not state_of(f).counted
 
 
 def test_addon_concurrent_and_release_on_error():
@@ -430,7 +432,7 @@ def test_addon_ignores_flows_it_should_not_count():
     lim = make_limits(keys={"k": {"limits": {"rpm": 0}}, "free": {}})
     with taddons.context():
         refused = admitted()
-        del refused.metadata["keygate.admitted"]  # refused earlier: counts for nothing
+        state_of(refused).admitted = False  # refused earlier: counts for nothing
         lim.request(refused)
         assert refused.response is None
         answered = admitted()
@@ -440,7 +442,7 @@ def test_addon_ignores_flows_it_should_not_count():
         free = admitted("free")
         lim.request(free)
         assert free.response is None
-        assert "x-ratelimit-limit-requests" not in free.metadata.get("keygate.ratelimit", {})
+        assert "x-ratelimit-limit-requests" not in state_of(free).ratelimit
         gone = admitted("nobody")  # dropped from keys.yaml meanwhile
         lim.request(gone)
         assert gone.response is None
@@ -456,7 +458,7 @@ DAY = "2026-03-01"
 def settle(lim: Limiter, f: http.HTTPFlow, tokens: int) -> None:
     """The request ends having used `tokens`, counted as the usage log counts it."""
     ledger = lim.usage.ledger
-    name = f.metadata["keygate.key"]
+    name = state_of(f).key
     finish(lim, f, tokens)
     ledger.tokens[(name, DAY)] += tokens
     ledger.total[name] += tokens
@@ -468,7 +470,7 @@ def test_reservations_hold_back_a_token_quota_until_their_requests_end():
         first = admitted()
         lim.request(first)
         assert first.response is None
-        assert first.metadata["keygate.reserved"] == FIRST_ESTIMATE  # nothing known yet
+        assert state_of(first).reserved == FIRST_ESTIMATE  # nothing known yet
         assert lim.reserved == {"k": FIRST_ESTIMATE}
         for _ in range(5):
             f = admitted()
@@ -478,18 +480,18 @@ def test_reservations_hold_back_a_token_quota_until_their_requests_end():
             assert f.response.headers["x-keygate-error"] == "rate_limit_exceeded"
             assert f.response.headers["retry-after"] == "1"
             assert "nearly used up (10 per UTC day)" in f.response.json()["error"]
-            assert "keygate.reserved" not in f.metadata and "keygate.counted" not in f.metadata
+            assert not state_of(f).reserved and not state_of(f).counted
             lim.response(f)  # a refused request reserved nothing, so frees nothing
         assert lim.reserved == {"k": FIRST_ESTIMATE} and lim.inflight == {"k": 1}
         settle(lim, first, 8)
         assert lim.reserved == {} and lim.inflight == {} and lim.estimates == {"k": 8.0}
         second = admitted()
         lim.request(second)  # 8 used + 0 reserved < 10
-        assert second.response is None and second.metadata["keygate.reserved"] == 8
+        assert second.response is None and state_of(second).reserved == 8
         third = admitted()
         lim.request(third)  # 8 used + 8 reserved >= 10
         assert third.response.headers["x-keygate-error"] == "rate_limit_exceeded"
-        settle(lim, second, 8)  # crosses the quota and completes (SPEC 7)
+        settle(lim, second, 8)  # crosses the quota and completes (docs/limits.md)
         fourth = admitted()
         lim.request(fourth)
     assert fourth.response.headers["x-keygate-error"] == "insufficient_quota"
@@ -537,7 +539,7 @@ def test_keys_without_token_quotas_reserve_nothing():
         for name in ("k", "free"):
             f = admitted(name)
             lim.request(f)
-            assert f.response is None and "keygate.reserved" not in f.metadata
+            assert f.response is None and not state_of(f).reserved
             finish(lim, f, 500)
     assert lim.reserved == {} and lim.estimates == {}
     assert lim.reservation("k", KeyLimits(rpm=5)) == 0
@@ -604,6 +606,7 @@ def test_the_overshoot_bound_against_a_model(steps, quota, tpd):
     actual: dict[str, int] = {}
     flight: list[http.HTTPFlow] = []
     last: tuple | None = None  # (L, F, used at L's admission)
+    estimates: dict[str, int] = {}  # reservation of each flow, by flow id
     with taddons.context():
         for op, n in steps + [("end", 0)] * 60:
             if op == "arrive":
@@ -615,18 +618,18 @@ def test_the_overshoot_bound_against_a_model(steps, quota, tpd):
                     flight.append(f)
                     last = (f, list(flight), used)
                 else:
-                    assert "keygate.reserved" not in f.metadata
+                    assert not state_of(f).reserved
             elif flight:
                 f = flight.pop(n % len(flight))
-                reserved = f.metadata["keygate.reserved"]
+                reserved = state_of(f).reserved
                 assert reserved >= 1
-                f.metadata["keygate.estimate"] = reserved  # kept for the check below
+                estimates[f.id] = reserved  # kept for the check below
                 settle(lim, f, actual[f.id])
     assert lim.reserved == {} and lim.inflight == {}
     if last is None:
         return
     L, F, used = last
-    e = {f.id: f.metadata["keygate.estimate"] for f in F}
+    e = {f.id: estimates[f.id] for f in F}
     over = ledger.total["k"] - quota
     assert over <= actual[L.id] - 1 + sum(actual[f.id] - e[f.id] for f in F if f is not L)
     assert len(F) <= math.ceil((quota - used) / min(e.values()))

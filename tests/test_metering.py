@@ -1,5 +1,5 @@
 """keygate/stages/metering.py: token counts from responses, streamed or not, and the edits keygate
-makes to what comes back (SPEC 2, 4, 6)."""
+makes to what comes back (docs/configuration.md, docs/endpoints.md, docs/usage-log.md)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from mitmproxy import http
 from mitmproxy.test import taddons
 
 import keygate.stages.metering as metering
+from keygate.request import state_of
 from keygate.stages.metering import Meter, StreamMeter, TokenCounts
-from keygate_unit import make_config, make_flow
+from keygate_unit import make_config, make_flow, with_state
 
 
 def dumps(doc) -> bytes:
@@ -399,10 +400,10 @@ def test_any_chunking_of_a_broken_stream_loses_nothing(points):
 def admitted_flow(method, path, *, model=None, upstream_model=None, key="alice",
                   status=200, ctype="application/json", body=b""):
     f = make_flow(method, path)
-    f.metadata.update({"keygate.admitted": True, "keygate.key": key, "keygate.path": path})
+    with_state(f, admitted=True, key=key, path=path)
     if model:
-        f.metadata["keygate.model"] = model
-        f.metadata["keygate.upstream_model"] = upstream_model or model
+        state_of(f).model = model
+        state_of(f).upstream_model = upstream_model or model
     f.response = http.Response.make(status, body, {"content-type": ctype})
     return f
 
@@ -415,13 +416,13 @@ def test_streamed_response_gets_a_stream_meter_and_publishes_counts():
     with taddons.context():
         meter.responseheaders(f)
         assert isinstance(f.response.stream, StreamMeter)
-        assert f.metadata["keygate.stream"] is True
+        assert state_of(f).stream is True
         assert feed(f.response.stream, [native_chat()]) == native_chat()
         meter.response(f)
-    md = f.metadata
-    assert (md["keygate.prompt_tokens"], md["keygate.completion_tokens"],
-            md["keygate.total_tokens"], md["keygate.finished"]) == (26, 298, 324, True)
-    assert "keygate.error" not in md
+    md = state_of(f)
+    assert (md.prompt_tokens, md.completion_tokens,
+            md.total_tokens, md.finished) == (26, 298, 324, True)
+    assert not md.error
 
 
 def test_streamed_sse_with_strip_usage():
@@ -429,12 +430,12 @@ def test_streamed_sse_with_strip_usage():
     meter = Meter(config)
     f = admitted_flow("POST", "/v1/chat/completions", model="llama3.2:1b",
                       ctype="text/event-stream; charset=utf-8")
-    f.metadata["keygate.strip_usage"] = True
+    state_of(f).strip_usage = True
     with taddons.context():
         meter.responseheaders(f)
         assert feed(f.response.stream, [openai_chat()]) == openai_chat(with_usage=False)
         meter.response(f)
-    assert f.metadata["keygate.total_tokens"] == 12
+    assert state_of(f).total_tokens == 12
 
 
 def test_stream_that_breaks_publishes_from_the_error_hook():
@@ -445,10 +446,10 @@ def test_stream_that_breaks_publishes_from_the_error_hook():
         meter.responseheaders(f)
         f.response.stream(ndjson({"model": "m", "error": None, "response": "a", "done": False}))
         meter.error(f)
-    assert f.metadata["keygate.finished"] is False
-    # The counts never came; the one content line that went out counts (SPEC 6).
-    assert f.metadata["keygate.total_tokens"] == 1
-    assert f.metadata["keygate.tokens_estimated"] is True
+    assert state_of(f).finished is False
+    # The counts never came; the one content line that went out counts (docs/usage-log.md).
+    assert state_of(f).total_tokens == 1
+    assert state_of(f).tokens_estimated is True
 
 
 def test_upstream_error_line_is_published():
@@ -459,7 +460,7 @@ def test_upstream_error_line_is_published():
         meter.responseheaders(f)
         feed(f.response.stream, [ndjson({"error": "model crashed"})])
         meter.response(f)
-    assert f.metadata["keygate.error"] == "upstream_error"
+    assert state_of(f).error == "upstream_error"
 
 
 @pytest.mark.parametrize("path, body, tokens", [
@@ -483,10 +484,10 @@ def test_non_streamed_counts(path, body, tokens):
         meter.responseheaders(f)
         assert not f.response.stream
         meter.response(f)
-    md = f.metadata
-    assert (md["keygate.prompt_tokens"], md["keygate.completion_tokens"],
-            md["keygate.total_tokens"]) == tokens
-    assert md["keygate.stream"] is False and md["keygate.finished"] is True
+    md = state_of(f)
+    assert (md.prompt_tokens, md.completion_tokens,
+            md.total_tokens) == tokens
+    assert md.stream is False and md.finished is True
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])
@@ -501,9 +502,9 @@ def test_non_streamed_counts_of_an_encoded_body(encoding):
     assert f.response.raw_content != dumps(body)
     with taddons.context():
         meter.response(f)
-    md = f.metadata
-    assert (md["keygate.prompt_tokens"], md["keygate.completion_tokens"],
-            md["keygate.total_tokens"]) == (3, 4, 7)
+    md = state_of(f)
+    assert (md.prompt_tokens, md.completion_tokens,
+            md.total_tokens) == (3, 4, 7)
     assert f.response.status_code == 200
 
 
@@ -570,12 +571,13 @@ def test_refused_flows_are_not_metered():
         meter.responseheaders(f)
         meter.response(f)
     assert not f.response.stream
-    assert "keygate.prompt_tokens" not in f.metadata
+    assert not state_of(f).prompt_tokens
 
 
 # --------------------------------------------------------------------------- streams cut short
 #
-# A client that leaves before the upstream's counts still consumed what went out (SPEC 6):
+# A client that leaves before the upstream's counts still consumed what went out
+# (docs/usage-log.md):
 # the meter counts content frames, and publishes that count as an estimate.
 
 # scenario -> (path, the bytes where the frame with the counts starts)
@@ -629,16 +631,16 @@ def test_a_stream_cut_before_its_counts_still_counts_its_content(name, data):
         for chunk in cut(delivered, points):
             stream(chunk)  # then the client leaves: no b"" end call
         meter.error(f)
-    md = f.metadata
+    md = state_of(f)
     # What the upstream said before the cut: Anthropic's message_start carries the input
     # tokens and a provisional output count; a running usage (on every chunk) its own.
     prompt, so_far = {"anthropic": (25, 1)}.get(api, (0, 0))
     if name == "openai strip usage everywhere":
         prompt, so_far = 10, 1
-    assert md["keygate.finished"] is False
-    assert md["keygate.completion_tokens"] == max(full.frames, so_far) >= 1
-    assert md.get("keygate.tokens_estimated", False) is (full.frames > so_far)
-    assert (md["keygate.prompt_tokens"], md["keygate.total_tokens"]) == (
+    assert md.finished is False
+    assert md.completion_tokens == max(full.frames, so_far) >= 1
+    assert md.tokens_estimated is (full.frames > so_far)
+    assert (md.prompt_tokens, md.total_tokens) == (
         prompt, prompt + max(full.frames, so_far))
 
 
@@ -651,9 +653,9 @@ def test_more_content_than_anthropic_announced_is_estimated():
         meter.responseheaders(f)
         f.response.stream(head + (b"event: content_block_delta" + delta) * 7)
         meter.error(f)
-    md = f.metadata
-    assert (md["keygate.prompt_tokens"], md["keygate.completion_tokens"],
-            md["keygate.total_tokens"], md["keygate.tokens_estimated"]) == (25, 7, 32, True)
+    md = state_of(f)
+    assert (md.prompt_tokens, md.completion_tokens,
+            md.total_tokens, md.tokens_estimated) == (25, 7, 32, True)
 
 
 @pytest.mark.parametrize("lines, frames", [
@@ -668,9 +670,9 @@ def test_estimate_is_one_token_a_content_line(lines, frames):
         meter.responseheaders(f)
         f.response.stream(body)
         meter.response(f)  # the upstream ended without its final line
-    md = f.metadata
-    assert (md["keygate.completion_tokens"], md["keygate.total_tokens"]) == (frames, frames)
-    assert md["keygate.tokens_estimated"] is True
+    md = state_of(f)
+    assert (md.completion_tokens, md.total_tokens) == (frames, frames)
+    assert md.tokens_estimated is True
 
 
 def test_a_whole_stream_is_not_an_estimate():
@@ -680,8 +682,8 @@ def test_a_whole_stream_is_not_an_estimate():
         meter.responseheaders(f)
         feed(f.response.stream, [native_chat()])
         meter.response(f)
-    assert f.metadata["keygate.completion_tokens"] == 298
-    assert "keygate.tokens_estimated" not in f.metadata
+    assert state_of(f).completion_tokens == 298
+    assert not state_of(f).tokens_estimated
 
 
 def test_a_stream_cut_before_any_content_counts_nothing():
@@ -692,10 +694,10 @@ def test_a_stream_cut_before_any_content_counts_nothing():
         meter.responseheaders(f)
         f.response.stream(head)
         meter.error(f)
-    md = f.metadata
+    md = state_of(f)
     # message_start's provisional output count stands: nothing more went out.
-    assert (md["keygate.prompt_tokens"], md["keygate.completion_tokens"]) == (25, 1)
-    assert "keygate.tokens_estimated" not in md
+    assert (md.prompt_tokens, md.completion_tokens) == (25, 1)
+    assert not md.tokens_estimated
 
 
 def test_a_pull_left_early_counts_no_tokens():
@@ -706,8 +708,8 @@ def test_a_pull_left_early_counts_no_tokens():
         meter.responseheaders(f)
         f.response.stream(native_pull().rsplit(b"{", 1)[0])
         meter.error(f)
-    md = f.metadata
-    assert md["keygate.total_tokens"] == 0 and "keygate.tokens_estimated" not in md
+    md = state_of(f)
+    assert md.total_tokens == 0 and not md.tokens_estimated
 
 
 def test_an_error_frame_is_not_content():
@@ -718,6 +720,6 @@ def test_an_error_frame_is_not_content():
         meter.responseheaders(f)
         feed(f.response.stream, [body])
         meter.response(f)
-    md = f.metadata
-    assert md["keygate.error"] == "upstream_error"
-    assert md["keygate.completion_tokens"] == 1 and md["keygate.tokens_estimated"] is True
+    md = state_of(f)
+    assert md.error == "upstream_error"
+    assert md.completion_tokens == 1 and md.tokens_estimated is True

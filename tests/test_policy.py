@@ -1,4 +1,5 @@
-"""keygate/stages/policy.py: endpoint table, scopes, body checks and model permissions (SPEC 4)."""
+"""keygate/stages/policy.py: endpoint table, scopes, body checks and model permissions
+(docs/endpoints.md)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons
 
+from keygate.request import state_of
 from keygate.stages.auth import Auth
 from keygate.stages.policy import (
     ROOT_TEXT,
@@ -88,12 +90,12 @@ def assert_refused(f, status, code):
     assert f.response is not None, "not refused"
     assert f.response.status_code == status, f.response.content
     assert f.response.headers["x-keygate-error"] == code
-    assert f.metadata["keygate.error"] == code
+    assert state_of(f).error == code
 
 
 def assert_passed(f):
     assert f.response is None, f.response.content if f.response else None
-    assert "keygate.error" not in f.metadata
+    assert not state_of(f).error
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
@@ -114,7 +116,7 @@ def test_root_is_answered_by_keygate(method):
 def test_unknown_endpoint_is_404_for_a_valid_key(method, path, key):
     f = run(method, path, key=key)
     assert_refused(f, 404, "unknown_endpoint")
-    assert f.metadata["keygate.key"] == key
+    assert state_of(f).key == key
 
 
 @pytest.mark.parametrize("key, method, path, allowed", [
@@ -228,7 +230,7 @@ def test_model_endpoint_answers_only_for_usable_models(key, model, visible):
 def test_model_endpoint_for_a_cloud_model_a_channel_serves():
     f = run("GET", "/v1/models/gpt-oss:120b-cloud", key="alice", toml=CLOUD_CHANNEL)
     assert_passed(f)
-    assert f.metadata["keygate.model"] == "gpt-oss:120b-cloud"
+    assert state_of(f).model == "gpt-oss:120b-cloud"
 
 
 # --------------------------------------------------------------------------- bodies
@@ -263,10 +265,10 @@ def test_400_in_the_clients_shape():
 ])
 def test_model_permission(path, model, allowed):
     f = run("POST", path, key="llama", body={"model": model, "messages": []})
-    assert f.metadata["keygate.model"] == model
+    assert state_of(f).model == model
     if allowed:
         assert_passed(f)
-        assert f.metadata["keygate.body"]["model"] == model
+        assert state_of(f).body["model"] == model
     else:
         assert_refused(f, 403, "permission_denied")
         assert model in json.dumps(response_json(f))
@@ -293,7 +295,7 @@ def test_show_checks_the_deprecated_name_field():
     assert_refused(f, 403, "permission_denied")
     f = run("POST", "/api/show", key="llama", body={"name": "llama3.2:1b"})
     assert_passed(f)
-    assert f.metadata["keygate.model"] == "llama3.2:1b"
+    assert state_of(f).model == "llama3.2:1b"
     f = run("POST", "/api/show", key="alice", body={"name": "gpt-oss:120b-cloud"})
     assert_refused(f, 403, "permission_denied")
     # Ollama prefers `model` when both are set; so does the check.
@@ -317,7 +319,7 @@ def test_show_checks_the_deprecated_name_field():
 ])
 def test_wants_stream(path, body, stream):
     f = run("POST", path, key="alice", body={"model": "llama3.2:1b", **body})
-    assert f.metadata["keygate.wants_stream"] is stream
+    assert state_of(f).wants_stream is stream
 
 
 @pytest.mark.parametrize("path", ["/api/chat", "/api/generate", "/v1/chat/completions",
@@ -328,9 +330,9 @@ def test_debug_render_only_is_always_removed(path, key, value):
     f = run("POST", path, key=key, body={"model": "llama3.2:1b", "_debug_render_only": value,
                                          "messages": [{"role": "user", "content": "hi"}]})
     assert_passed(f)
-    assert f.metadata["keygate.body"] == {"model": "llama3.2:1b",
+    assert state_of(f).body == {"model": "llama3.2:1b",
                                           "messages": [{"role": "user", "content": "hi"}]}
-    assert f.metadata["keygate.body_changed"] is True
+    assert state_of(f).body_changed is True
 
 
 @pytest.mark.parametrize("value", [0, "0", "0s", "0m", -1, "-1", "-1m", -3600, 0.0])
@@ -340,20 +342,20 @@ def test_disruptive_keep_alive_is_removed_unless_admin(path, value):
     body = {"model": "llama3.2:1b", "keep_alive": value, "prompt": "hi"}
     f = run("POST", path, key="alice", body=body)
     assert_passed(f)
-    assert f.metadata["keygate.body"] == {"model": "llama3.2:1b", "prompt": "hi"}
-    assert f.metadata["keygate.body_changed"] is True
+    assert state_of(f).body == {"model": "llama3.2:1b", "prompt": "hi"}
+    assert state_of(f).body_changed is True
     f = run("POST", path, key="admin", body=body)
     assert_passed(f)
-    assert f.metadata["keygate.body"] == body
-    assert not f.metadata.get("keygate.body_changed")
+    assert state_of(f).body == body
+    assert not state_of(f).body_changed
 
 
 @pytest.mark.parametrize("value", ["5m", 300, "1h", 60.5])
 def test_ordinary_keep_alive_is_kept(value):
     body = {"model": "llama3.2:1b", "keep_alive": value}
     f = run("POST", "/api/generate", key="alice", body=body)
-    assert f.metadata["keygate.body"] == body
-    assert not f.metadata.get("keygate.body_changed")
+    assert state_of(f).body == body
+    assert not state_of(f).body_changed
 
 
 def test_cleaned_body_is_what_goes_upstream():
@@ -390,13 +392,13 @@ def test_key_removed_from_keys_yaml_meanwhile():
 def test_already_answered_flows_are_left_alone():
     config = make_config()
     f = make_flow("POST", "/api/me", key="alice", body=b"junk")
-    f.metadata["keygate.key"] = "alice"
+    state_of(f).key = "alice"
     f.response = http.Response.make(418)
     with taddons.context():
         Policy(config).requestheaders(f)
         Policy(config).request(f)
     assert f.response.status_code == 418
-    assert "keygate.error" not in f.metadata
+    assert not state_of(f).error
 
 
 # Ollama decodes bodies with Go's encoding/json, which matches object keys to its fields
@@ -452,4 +454,4 @@ def test_identity_content_encoding_is_no_encoding():
     config = make_config()
     with taddons.context():
         run_request(f, Auth(config), Policy(config))
-    assert f.response is None and f.metadata["keygate.model"] == "llama3.2:1b"
+    assert f.response is None and state_of(f).model == "llama3.2:1b"

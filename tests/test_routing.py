@@ -1,4 +1,5 @@
-"""keygate/stages/routing.py: channel choice, cooldown and the upstream rewrite (SPEC 2, 3, 4, 6)."""
+"""keygate/stages/routing.py: channel choice, cooldown and the upstream rewrite
+(docs/configuration.md, docs/endpoints.md#authentication, docs/usage-log.md)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from mitmproxy.flow import Error
 from mitmproxy.test import taddons
 
 from keygate.model.settings import Channel
+from keygate.request import state_of
 from keygate.stages.auth import Auth
 from keygate.stages.policy import Policy
 from keygate.stages.routing import COOLDOWN_FIRST, COOLDOWN_MAX, Health, Router, candidates, choose
-from keygate_unit import make_config, make_flow, request_json, run_request, secret_of
+from keygate_unit import make_config, make_flow, request_json, run_request, secret_of, with_state
 
 
 class Clock:
@@ -100,11 +102,10 @@ def test_choose_splits_by_weight(weights):
 
 
 def test_choose_picks_the_last_channel_at_the_top_of_the_range():
-    # random() just under 1, with weights whose float sum is not exact: the running
-    # difference may end a hair above zero; the pick is still a channel, the last one.
-    class Top:
-        @staticmethod
-        def random():
+    # random() just under 1, with weights whose float sum is not exact: the pick is still
+    # a channel, the last one.
+    class Top(random.Random):
+        def random(self):
             return math.nextafter(1.0, 0.0)
 
     chans = [ch("a", weight=0.1), ch("b", weight=0.2), ch("c", weight=0.3)]
@@ -175,10 +176,10 @@ def test_no_channels_leaves_the_reverse_target():
     assert f.response is None
     assert (f.request.scheme, f.request.host, f.request.port) == ("http", "127.0.0.1", 11434)
     assert f.request.path == "/api/chat?x=1"
-    assert f.metadata["keygate.admitted"] is True
-    assert f.metadata["keygate.upstream_model"] == "llama3.2:1b"
-    assert "keygate.channel" not in f.metadata
-    assert "keygate.body" not in f.metadata  # parsed body does not linger in metadata
+    assert state_of(f).admitted is True
+    assert state_of(f).upstream_model == "llama3.2:1b"
+    assert not state_of(f).channel
+    assert not state_of(f).body  # parsed body does not linger in metadata
     assert "origin" not in f.request.headers
     assert "authorization" not in f.request.headers and "x-api-key" not in f.request.headers
 
@@ -200,7 +201,7 @@ def test_no_channels_leaves_the_reverse_target():
 def test_rewrite_to_the_channel(method, path, body, channel, scheme, host, port, upstream_path):
     f = route(method, path, body, toml=TWO, environ=ENV)
     assert f.response is None, f.response and f.response.content
-    assert f.metadata["keygate.channel"] == channel
+    assert state_of(f).channel == channel
     assert (f.request.scheme, f.request.host, f.request.port) == (scheme, host, port)
     assert f.request.path == upstream_path
 
@@ -229,9 +230,9 @@ def test_model_map_rewrites_the_body():
     f = route("POST", "/v1/chat/completions",
               {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "héllo"}]},
               toml=TWO, environ=ENV)
-    assert f.metadata["keygate.channel"] == "gpu"
-    assert f.metadata["keygate.model"] == "gpt-4o-mini"
-    assert f.metadata["keygate.upstream_model"] == "qwen2.5:7b"
+    assert state_of(f).channel == "gpu"
+    assert state_of(f).model == "gpt-4o-mini"
+    assert state_of(f).upstream_model == "qwen2.5:7b"
     assert request_json(f) == {"model": "qwen2.5:7b",
                                "messages": [{"role": "user", "content": "héllo"}]}
     assert int(f.request.headers["content-length"]) == len(f.request.content)
@@ -239,7 +240,7 @@ def test_model_map_rewrites_the_body():
 
 def test_model_map_to_an_openai_channel():
     f = route("POST", "/v1/chat/completions", {"model": "gpt-4o"}, toml=TWO, environ=ENV)
-    assert f.metadata["keygate.channel"] == "ds"
+    assert state_of(f).channel == "ds"
     assert request_json(f)["model"] == "deepseek-chat"
 
 
@@ -249,11 +250,12 @@ def test_model_map_rewrites_the_deprecated_show_name():
 
 
 def test_model_map_rewrites_the_model_endpoint_path():
-    # SPEC 2: the upstream sees model_map.get(requested, requested), here in the path.
+    # docs/configuration.md: the upstream sees model_map.get(requested, requested), here in the
+    # path.
     f = route("GET", "/v1/models/gpt-4o-mini", toml=TWO, environ=ENV)
     assert f.response is None
-    assert f.metadata["keygate.channel"] == "gpu"
-    assert f.metadata["keygate.upstream_model"] == "qwen2.5:7b"
+    assert state_of(f).channel == "gpu"
+    assert state_of(f).upstream_model == "qwen2.5:7b"
     assert f.request.path == "/v1/models/qwen2.5:7b"
 
 
@@ -274,7 +276,7 @@ def test_channel_credential_replaces_the_clients():
 
 def test_no_credential_for_a_channel_without_one():
     f = route("POST", "/api/chat", {"model": "llama3.2:1b"}, toml=TWO, environ=ENV)
-    assert f.metadata["keygate.channel"] == "gpu"
+    assert state_of(f).channel == "gpu"
     assert "authorization" not in f.request.headers
     assert "x-api-key" not in f.request.headers
 
@@ -296,7 +298,7 @@ def test_no_channel_serves_the_model(method, path, body):
     f = route(method, path, body, toml=TWO, environ=ENV)
     assert f.response.status_code == 404
     assert f.response.headers["x-keygate-error"] == "model_not_found"
-    assert "keygate.admitted" not in f.metadata
+    assert not state_of(f).admitted
 
 
 # --------------------------------------------------------------------------- include_usage
@@ -306,7 +308,7 @@ def test_no_channel_serves_the_model(method, path, body):
 def test_include_usage_added_to_streams(path):
     f = route("POST", path, {"model": "llama3.2:1b", "stream": True})
     assert request_json(f)["stream_options"] == {"include_usage": True}
-    assert f.metadata["keygate.strip_usage"] is True
+    assert state_of(f).strip_usage is True
 
 
 def test_include_usage_keeps_other_stream_options():
@@ -314,14 +316,14 @@ def test_include_usage_keeps_other_stream_options():
               {"model": "llama3.2:1b", "stream": True,
                "stream_options": {"include_usage": False, "x": 1}})
     assert request_json(f)["stream_options"] == {"include_usage": True, "x": 1}
-    assert f.metadata["keygate.strip_usage"] is True
+    assert state_of(f).strip_usage is True
 
 
 def test_include_usage_asked_for_by_the_client():
     raw = b'{"model":"llama3.2:1b","stream":true,"stream_options":{"include_usage":true}}'
     f = route("POST", "/v1/chat/completions", raw)
     assert f.request.content == raw
-    assert not f.metadata.get("keygate.strip_usage")
+    assert not state_of(f).strip_usage
 
 
 @pytest.mark.parametrize("path, body", [
@@ -335,16 +337,16 @@ def test_include_usage_asked_for_by_the_client():
 def test_include_usage_not_added_elsewhere(path, body):
     f = route("POST", path, body)
     assert "stream_options" not in request_json(f)
-    assert not f.metadata.get("keygate.strip_usage")
+    assert not state_of(f).strip_usage
 
 
 def test_include_usage_not_added_when_the_channel_says_no():
     toml = ('[[channels]]\nname = "v"\nkind = "openai"\nbase_url = "http://vllm:8000/v1"\n'
             "stream_usage = false\n")
     f = route("POST", "/v1/chat/completions", {"model": "m", "stream": True}, toml=toml)
-    assert f.metadata["keygate.channel"] == "v"
+    assert state_of(f).channel == "v"
     assert "stream_options" not in request_json(f)
-    assert not f.metadata.get("keygate.strip_usage")
+    assert not state_of(f).strip_usage
 
 
 def test_include_usage_with_an_alias_rewrites_both():
@@ -370,9 +372,9 @@ def test_router_spreads_by_weight_with_its_rng():
     with taddons.context():
         for _ in range(n):
             f = make_flow("POST", "/api/chat", body={"model": "m"})
-            f.metadata.update({"keygate.key": "alice", "keygate.model": "m"})
+            with_state(f, key="alice", model="m")
             router.request(f)
-            seen[f.metadata["keygate.channel"]] += 1
+            seen[state_of(f).channel] += 1
     assert set(seen) == {"a", "b"}
     assert abs(seen["a"] / n - 0.75) < 0.04
 
@@ -392,7 +394,7 @@ def test_router_health_from_responses():
             else:
                 f.response = http.Response.make(status)
                 router.responseheaders(f)
-        return f.metadata["keygate.channel"]
+        return state_of(f).channel
 
     first = send(502)
     assert router.health.cooling(first)
@@ -411,7 +413,7 @@ def test_already_answered_flows_are_not_routed():
     with taddons.context():
         Router(config).request(f)
     assert f.request.host == "127.0.0.1"
-    assert "keygate.admitted" not in f.metadata
+    assert not state_of(f).admitted
 
 
 def test_never_forwards_an_unclassified_request():
@@ -420,7 +422,7 @@ def test_never_forwards_an_unclassified_request():
     with taddons.context():
         Router(config).request(f)
     assert f.response.status_code == 404
-    assert "keygate.admitted" not in f.metadata
+    assert not state_of(f).admitted
 
 
 def test_blob_uploads_are_routed_at_headers_time():
@@ -434,8 +436,8 @@ def test_blob_uploads_are_routed_at_headers_time():
             addon.requestheaders(f)
     assert f.response is None
     assert f.request.stream is True
-    assert f.metadata["keygate.admitted"] is True
-    assert f.metadata["keygate.channel"] == "gpu"  # an ollama channel
+    assert state_of(f).admitted is True
+    assert state_of(f).channel == "gpu"  # an ollama channel
     assert (f.request.host, f.request.port, f.request.path) == ("10.0.0.5", 11434,
                                                                 f"/api/blobs/{digest}")
 
@@ -460,7 +462,7 @@ def test_one_sweep_gives_up_on_late_flows_only_and_stops_when_none_wait():
         with taddons.context():
             for f in (late, answered):
                 run_request(f, Auth(config), Policy(config), router)
-                assert f.metadata.get("keygate.admitted"), f.response
+                assert state_of(f).admitted, f.response
         assert set(router._waiting) == {late.id, answered.id}
         await asyncio.sleep(0.2)
         answered.response = http.Response.make(200, b"{}")

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from mitmproxy.test import tflow
 
 from keygate.accounting.log import encode
+from keygate.request import state_of
 from keygate.stages.recorder import (
     MAX_CLIENT_IP,
     MAX_METHOD,
@@ -22,6 +23,7 @@ from keygate.stages.recorder import (
     new_request_id,
     request_id,
 )
+from keygate_unit import with_state
 
 
 def reference(ts: float) -> str:
@@ -56,8 +58,8 @@ def test_a_flow_keeps_the_request_id_it_was_first_given():
     f = tflow.tflow()
     first = request_id(f)
     assert re.fullmatch(r"req_[0-9a-f]{20}", first)
-    assert request_id(f) == first == f.metadata["keygate.id"]
-    f.metadata["keygate.id"] = "req_set_elsewhere"
+    assert request_id(f) == first == state_of(f).id
+    state_of(f).id = "req_set_elsewhere"
     assert request_id(f) == "req_set_elsewhere"
 
 
@@ -75,13 +77,14 @@ def record_with(path: str, method: bytes = b"POST", model: str | None = "m",
                 client_ip: str = "127.0.0.1") -> dict:
     f = tflow.tflow(resp=True)
     f.request.data.method = method
-    f.metadata.update({"keygate.id": "req_x", "keygate.path": path, "keygate.model": model,
-                       "keygate.upstream_model": model, "keygate.client_ip": client_ip})
+    with_state(f, id="req_x", path=path, model=model,
+                       upstream_model=model, client_ip=client_ip)
     return build_record(f, time.time())
 
 
 def test_a_line_stays_small_whatever_a_client_sends():
-    """A usage line held the path in full: eight 600 KB paths rotated a 1 MB log (SPEC 6)."""
+    """A usage line held the path in full: eight 600 KB paths rotated a 1 MB log
+    (docs/usage-log.md)."""
     rec = record_with("/" + "a" * 600_000, b"X" * 70_000, "m" * 600_000, "f" * 1000)
     assert rec["path"] == "/" + "a" * (MAX_PATH - 1) + "...[599489 chars cut]"
     assert rec["method"] == "X" * MAX_METHOD + f"...[{70_000 - MAX_METHOD} chars cut]"
@@ -104,8 +107,8 @@ def test_usual_values_are_kept_as_they_came():
 def test_every_line_says_whether_its_tokens_are_estimated():
     assert record_with("/api/chat")["tokens_estimated"] is False
     f = tflow.tflow(resp=True)
-    f.metadata.update({"keygate.tokens_estimated": True, "keygate.completion_tokens": 7,
-                       "keygate.total_tokens": 7})
+    with_state(f, tokens_estimated=True, completion_tokens=7,
+                       total_tokens=7)
     rec = build_record(f, time.time())
     assert (rec["tokens_estimated"], rec["completion_tokens"], rec["total_tokens"]) == (
         True, 7, 7)

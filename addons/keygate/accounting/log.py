@@ -1,4 +1,4 @@
-"""The usage log on disk (SPEC 6): `UsageWriter` appends to it, `read_log` reads it back.
+"""The usage log on disk (docs/usage-log.md): `UsageWriter` appends to it, `read_log` reads it back.
 
 Format: one compact JSON object per line, UTF-8, appended to `usage.jsonl`; size-based
 rotation renames `usage.jsonl.(k)` -> `.(k+1)` and `usage.jsonl` -> `usage.jsonl.1`, so a

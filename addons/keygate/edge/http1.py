@@ -136,7 +136,7 @@ def code_of(status: int) -> tuple[int, str]:
 
 def error_response(status: int, path: str = "", message: str | None = None,
                    request_id: str | None = None, method: str = "") -> bytes:
-    """A whole HTTP/1.1 answer in keygate's shape (SPEC 5) that closes the connection.
+    """A whole HTTP/1.1 answer in keygate's shape (docs/errors.md) that closes the connection.
     To a HEAD request: the same head, no body (its length still says what it would be)."""
     status, code = code_of(status)
     body = error_body(path or "/", code, message or _MESSAGES[status])

@@ -1,4 +1,4 @@
-"""The endpoint table of SPEC 4: the only requests keygate forwards.
+"""The endpoint table of docs/endpoints.md: the only requests keygate forwards.
 
 Paths are compared exactly as sent (no percent-decoding, no slash folding, case kept), so
 `//api/pull`, `/api/../api/pull`, `/API/pull` and `%2Fapi%2Fpull` are simply not in the
@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
+from keygate.request import state_of
+
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -22,7 +24,7 @@ class Endpoint:
 
     @property
     def native(self) -> bool:
-        """Served only by ollama channels (SPEC 4)."""
+        """Served only by ollama channels (docs/endpoints.md)."""
         return self.api in ("ollama", "anthropic")
 
 
@@ -95,7 +97,7 @@ def classify_request(flow) -> Endpoint | None:
 def client_path(flow) -> str:
     """The path the client asked for, without the query: Auth records it before the
     router rewrites flow.request.path."""
-    return flow.metadata.get("keygate.path") or flow.request.path.split("?", 1)[0]
+    return state_of(flow).path or flow.request.path.split("?", 1)[0]
 
 
 def path_model(path: str) -> str:

@@ -1,10 +1,12 @@
-"""keygate's own error responses, in the shape the client's API speaks (SPEC 5)."""
+"""keygate's own error responses, in the shape the client's API speaks (docs/errors.md)."""
 
 from __future__ import annotations
 
 import json
 
 from mitmproxy import http
+
+from keygate.request import state_of
 
 # code -> (status, OpenAI error type, Anthropic error type)
 CODES: dict[str, tuple[int, str, str]] = {
@@ -39,7 +41,7 @@ def error_body(path: str, code: str, message: str) -> bytes:
 def make_error(
     flow: http.HTTPFlow, code: str, message: str, headers: dict[str, str] | None = None
 ) -> http.Response:
-    """Build the response and leave the code in flow.metadata for the usage log."""
+    """Build the response and leave the code in the request state for the usage log."""
     status = CODES[code][0]
     resp = http.Response.make(
         status,
@@ -50,7 +52,7 @@ def make_error(
         # A HEAD answer has no body, but keeps the length it would have had.
         resp.headers["content-length"] = str(len(resp.raw_content or b""))
         resp.raw_content = b""
-    flow.metadata["keygate.error"] = code
+    state_of(flow).error = code
     return resp
 
 

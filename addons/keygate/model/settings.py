@@ -20,7 +20,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-CHECKOUT = Path(__file__).resolve().parents[2]
+CHECKOUT = Path(__file__).resolve().parents[3]  # addons/keygate/model/settings.py -> the checkout
 DEFAULT_CONFIG = CHECKOUT / "config" / "gateway.toml"
 
 KINDS = ("ollama", "openai")
@@ -61,7 +61,7 @@ def with_default_tag(name: str) -> str | None:
 
 
 def cloud_allowed(model: str, channels: "tuple[Channel, ...]") -> bool:
-    """SPEC 2: a cloud name only where a channel names it with a "cloud" pattern."""
+    """docs/configuration.md: a cloud name only where a channel names it with a "cloud" pattern."""
     return not is_cloud_model(model) or any(c.serves(model) for c in channels)
 
 
@@ -103,7 +103,8 @@ class Channel:
     stream_usage: bool = True
 
     def serves(self, model: str) -> bool:
-        """Whether a request for `model` may be sent here (SPEC 2, cloud names included)."""
+        """Whether a request for `model` may be sent here (docs/configuration.md, cloud names
+        included)."""
         if model in self.model_map:
             return True
         if is_cloud_model(model):
@@ -149,7 +150,7 @@ def default_settings(path: Path = DEFAULT_CONFIG) -> Settings:
 
 
 def load_settings(path: str | os.PathLike | None = None) -> Settings:
-    """Read gateway.toml; a missing file means all defaults (SPEC 2)."""
+    """Read gateway.toml; a missing file means all defaults (docs/configuration.md)."""
     p = Path(path).expanduser() if path else DEFAULT_CONFIG
     try:
         p = p.resolve()  # a symlink loop raises RuntimeError here, not OSError

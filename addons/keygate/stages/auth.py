@@ -1,8 +1,8 @@
 """The `Auth` addon: who is asking (client address, key), decided from headers alone.
 
 Three outcomes, kept apart: no usable credential (401), a credential that is not a valid
-key (401), and a key, published as its *name* in flow.metadata["keygate.key"] for the
-addons after this one. The secret itself is dropped from the request here, so nothing
+key (401), and a key, published as its *name* in the request state (`key`) for the
+stages after this one. The secret itself is dropped from the request here, so nothing
 later can forward or log it.
 """
 
@@ -19,12 +19,14 @@ from mitmproxy import http
 from keygate.model import endpoints
 from keygate.model.errors import refuse
 from keygate.model.keyring import KeyRing
+from keygate.request import state_of
 from keygate.stages.config import Config
 from keygate.stages.headerfields import text
 
 
 def client_address(peer: str, forwarded_for: list[str], trusted: tuple) -> str:
-    """SPEC 3: the TCP peer, unless it is a trusted proxy; then the right-most
+    """docs/endpoints.md#authentication: the TCP peer, unless it is a trusted proxy; then the
+    right-most
     X-Forwarded-For address that is not itself a trusted proxy."""
     addr = _normalize(peer)
     if not trusted or not _in(addr, trusted):
@@ -85,16 +87,22 @@ def key_of(auth: list[str], xkey: list[str]) -> str | None:
 
 # Never forwarded: the credential headers; Proxy-Authorization, addressed to this proxy,
 # which does not use it; api-key and x-goog-api-key, where Azure- and Gemini-style
-# clients put a key; and Origin (SPEC 3; Cors has read it before this runs).
+# clients put a key; and Origin (docs/endpoints.md#authentication; Cors has read it before this
+# runs).
 DROPPED_HEADERS = frozenset({b"authorization", b"x-api-key", b"proxy-authorization",
                              b"api-key", b"x-goog-api-key", b"origin"})
-# keygate's own headers are keygate's to set: a client's never go upstream (SPEC 4).
+# keygate's own headers are keygate's to set: a client's never go upstream (docs/endpoints.md).
 OWN_PREFIX = b"x-keygate-"
 # Header names under which a client may have put a key of keys.yaml other than the one it
 # presents: their values are searched for any valid key (each token hashed once). Other
 # headers are searched only for the presented key, a plain substring test: hashing every
 # token of every header would let one request with a large head cost seconds.
 _CREDENTIAL_NAME = re.compile(rb"key|token|auth|secret|credential|passw|cookie|session")
+
+
+@functools.lru_cache(maxsize=1024)  # the same few header names come with every request
+def credential_name(name: bytes) -> bool:
+    return _CREDENTIAL_NAME.search(name.lower()) is not None
 
 
 def take_credentials(headers: http.Headers, keys: KeyRing | None) -> tuple[str | None, bool]:
@@ -121,7 +129,7 @@ def take_credentials(headers: http.Headers, keys: KeyRing | None) -> tuple[str |
     if keys is not None:
         raw = secret.encode("utf-8", "surrogateescape") if secret else None
         kept = [f for f in kept if not ((raw and raw in f[1]) or (
-            _CREDENTIAL_NAME.search(f[0].lower()) and keys.holds_key(f[1])))]
+            credential_name(f[0]) and keys.holds_key(f[1])))]
     if len(kept) != len(headers.fields):
         headers.fields = tuple(kept)
     return secret, bool(auth or xkey)
@@ -130,7 +138,7 @@ def take_credentials(headers: http.Headers, keys: KeyRing | None) -> tuple[str |
 def without_key_in_query(path: str, secret: str, keys: KeyRing) -> str:
     """`path` (with its query) less every query parameter that holds the presented key or
     any valid key of keys.yaml, percent-encoded or not. The rest of the query is kept
-    byte for byte (SPEC 4 forwards it unchanged)."""
+    byte for byte (it is forwarded unchanged: docs/endpoints.md)."""
     base, sep, query = path.partition("?")
     if not sep:
         return path
@@ -159,7 +167,7 @@ class Auth:
             drop_credentials(flow)
             return
         # As received, before routing rewrites it; the query stays out of the log.
-        flow.metadata["keygate.path"] = flow.request.path.split("?", 1)[0]
+        state_of(flow).path = flow.request.path.split("?", 1)[0]
         state = self.config.state
         settings = state.settings
         ip = client_address(
@@ -168,7 +176,7 @@ class Auth:
             flow.request.headers.get_all("x-forwarded-for") if settings.trusted_proxies else [],
             settings.trusted_proxies,
         )
-        flow.metadata["keygate.client_ip"] = ip
+        state_of(flow).client_ip = ip
 
         # The client's credential never goes further than this hook, nor does any other
         # header a client also put a key in.
@@ -188,7 +196,7 @@ class Auth:
             clean = without_key_in_query(path, secret, state.keys)
             if clean != path:
                 flow.request.path = clean
-        if secret in unquote(flow.metadata["keygate.path"]):
+        if secret in unquote(state_of(flow).path):
             refuse(flow, "invalid_request",
                    "The API key must not be part of the URL path: send it in a header.")
             return
@@ -202,6 +210,6 @@ class Auth:
             refuse(flow, "invalid_api_key", "This API key has expired.")
         else:
             # From here on the key is valid; its name (never the secret) is the identity.
-            flow.metadata["keygate.key"] = key.name
+            state_of(flow).key = key.name
             if not key.allows_ip(ip):
                 refuse(flow, "permission_denied", f"This API key may not be used from {ip}.")

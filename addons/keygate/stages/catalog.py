@@ -9,7 +9,7 @@ reverse target and the meter filters its answer instead.
 `GET /api/ps` (the models loaded now, with digests and sizes) is not merged: it goes to one
 Ollama server, and the meter filters its answer with `filter_running`, by the same rules
 as /api/tags: only what the key may use and what that server's channel serves, aliases
-included (SPEC 4).
+included (docs/endpoints.md).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from keygate.model import endpoints
 from keygate.model.errors import refuse
 from keygate.model.keyring import Key
 from keygate.model.settings import Channel, cloud_allowed
+from keygate.request import state_of
 from keygate.stages.config import Config
 from keygate.stages.routing import Router
 
@@ -152,7 +153,7 @@ class Catalog:
         ep = endpoints.classify(flow.request.method, path)
         if ep is None or ep.kind not in ("list", "model"):
             return None
-        key = self.config.state.keys.by_name.get(flow.metadata.get("keygate.key"))
+        key = self.config.state.keys.by_name.get(state_of(flow).key)
         if key is None:
             return None
         return self._answer(flow, ep, path, key, channels)

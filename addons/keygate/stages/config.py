@@ -111,7 +111,7 @@ class Config:
         self._swap(state)
 
     def running(self) -> None:
-        # SPEC: keygate does the access control block_global stands in for, and a refused
+        # keygate does the access control block_global stands in for, and a refused
         # request must not open an upstream connection (or wait for a dead upstream).
         wanted = {"connection_strategy": "lazy", "block_global": False}
         changes = {k: v for k, v in wanted.items() if getattr(ctx.options, k) != v}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from mitmproxy import http
 
+from keygate.request import state_of
 from keygate.stages.config import Config
 from keygate.stages.headerfields import get_field, has_field
 
@@ -30,7 +31,7 @@ class Cors:
         origin = get_field(flow.request.headers, b"origin")
         if not origin or origin.lower() not in self.config.state.settings.cors_origins:
             return
-        flow.metadata["keygate.origin"] = origin
+        state_of(flow).origin = origin
         if (flow.request.method == "OPTIONS"
                 and "access-control-request-method" in flow.request.headers):
             requested = flow.request.headers.get("access-control-request-headers", "")
@@ -41,7 +42,7 @@ class Cors:
             })
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if (flow.response is not None and flow.metadata.get("keygate.admitted")
+        if (flow.response is not None and state_of(flow).admitted
                 and has_field(flow.response.headers, b"access-control-allow-origin")):
             # Only the upstream's headers: keygate's own preflight answer keeps its own.
             # Without Allow-Origin the others grant nothing, so most responses skip the scan.
@@ -55,11 +56,11 @@ class Cors:
 
     @staticmethod
     def _allow(flow: http.HTTPFlow) -> None:
-        origin = flow.metadata.get("keygate.origin")
+        st = state_of(flow)
         # Once per response: the response hook follows responseheaders for most.
-        if origin and flow.response is not None and flow.metadata.get(
-                "keygate.cors") != id(flow.response):
-            flow.metadata["keygate.cors"] = id(flow.response)
+        if st.origin and flow.response is not None and st.cors_stamped != id(flow.response):
+            st.cors_stamped = id(flow.response)
+            origin = st.origin
             h = flow.response.headers
             h["access-control-allow-origin"] = origin
             h["access-control-expose-headers"] = EXPOSE_HEADERS

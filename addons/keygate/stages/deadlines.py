@@ -25,6 +25,7 @@ from typing import Callable
 
 from mitmproxy import connection, ctx, http
 
+from keygate.request import state_of
 from keygate.stages.config import Config
 
 log = logging.getLogger("keygate")
@@ -168,7 +169,7 @@ class Deadlines:
             if self._close(c, f"request body not complete within {s.client_body_timeout:g} s",
                            now, flows):
                 for flow in flows:
-                    flow.metadata["keygate.error"] = "request_timeout"
+                    state_of(flow).error = "request_timeout"
 
         for c in [c for c in self.conns.values()
                   if c.idle_since is not None and c.idle_since <= head_by]:

@@ -25,6 +25,7 @@ import time
 from mitmproxy import ctx, http
 
 from keygate.model.errors import make_error
+from keygate.request import state_of
 from keygate.stages.auth import drop_credentials
 from keygate.stages.policy import root_response
 from keygate.stages.recorder import request_id
@@ -44,13 +45,13 @@ class FailClosed:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
-        if not flow.metadata.get("keygate.seen"):
+        if not state_of(flow).seen:
             self._refuse(flow)
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
-        if not flow.metadata.get("keygate.admitted"):
+        if not state_of(flow).admitted:
             self._refuse(flow)
 
     def _refuse(self, flow: http.HTTPFlow) -> None:

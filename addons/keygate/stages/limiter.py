@@ -1,4 +1,4 @@
-"""The `Limiter` addon: per-key rate limits and quotas (SPEC 7).
+"""The `Limiter` addon: per-key rate limits and quotas (docs/limits.md).
 
 Counters count requests keygate forwards: the check runs after the router has admitted a
 request, and a refusal takes the admission back. Rolling windows (rpm, tpm) live here in
@@ -49,6 +49,7 @@ from mitmproxy import http
 
 from keygate.model.errors import refuse
 from keygate.model.keyring import Limits
+from keygate.request import state_of
 from keygate.stages.config import Config
 from keygate.stages.headerfields import set_fields
 from keygate.stages.recorder import Recorder
@@ -135,9 +136,9 @@ class Limiter:
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if flow.response or flow.error or not flow.live:
             return
-        if not flow.metadata.get("keygate.admitted") or flow.metadata.get("keygate.counted"):
+        if not state_of(flow).admitted or state_of(flow).counted:
             return
-        name = flow.metadata.get("keygate.key")
+        name = state_of(flow).key
         key = self.config.state.keys.by_name.get(name)
         if key is None:
             return
@@ -155,7 +156,7 @@ class Limiter:
         await ready.wait()
         if flow.response or flow.error or not flow.live:
             return
-        name = flow.metadata.get("keygate.key")
+        name = state_of(flow).key
         key = self.config.state.keys.by_name.get(name)
         if key is not None:
             self._admit_or_refuse(flow, name, key.limits)
@@ -165,22 +166,21 @@ class Limiter:
         if verdict is not None:
             code, message, wait = verdict
             # Not forwarded after all: it must not look routed in the log.
-            for k in ("keygate.admitted", "keygate.channel", "keygate.upstream_model"):
-                flow.metadata.pop(k, None)
+            st = state_of(flow)
+            st.admitted, st.channel, st.upstream_model = False, None, None
             headers = {"retry_after": retry_after(wait)} if wait is not None else {}
             refuse(flow, code, message, **headers)
             return
         reserve = self.reservation(name, lim)
         self.admit(name, self.clock(), reserve)
-        flow.metadata["keygate.counted"] = True
-        if reserve:
-            flow.metadata["keygate.reserved"] = reserve
+        st = state_of(flow)
+        st.counted, st.reserved = True, reserve
         self.counted[flow.id] = flow
-        flow.metadata["keygate.ratelimit"] = self.headers(name, lim)
+        st.ratelimit = self.headers(name, lim)
 
     def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         # Streamed uploads are admitted at headers time; count them all the same.
-        if flow.request.stream and flow.metadata.get("keygate.admitted"):
+        if flow.request.stream and state_of(flow).admitted:
             return self.request(flow)
         return None
 
@@ -296,7 +296,7 @@ class Limiter:
         return out
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        hdrs = flow.metadata.get("keygate.ratelimit")
+        hdrs = state_of(flow).ratelimit
         if hdrs and flow.response is not None:
             set_fields(flow.response.headers, hdrs)
 
@@ -321,7 +321,7 @@ class Limiter:
 
     def _end(self, flow: http.HTTPFlow) -> None:
         self.counted.pop(flow.id, None)
-        if flow.metadata.pop("keygate.counted", None):
-            self.finish(flow.metadata["keygate.key"],
-                        flow.metadata.get("keygate.total_tokens", 0), self.clock(),
-                        flow.metadata.pop("keygate.reserved", 0))
+        st = state_of(flow)
+        if st.counted:
+            reserved, st.counted, st.reserved = st.reserved, False, 0
+            self.finish(st.key, st.total_tokens or 0, self.clock(), reserved)

@@ -1,5 +1,5 @@
 """The `Meter` addon: token counts from upstream responses, and the few edits keygate makes
-to what comes back (SPEC 2, 4, 6).
+to what comes back (docs/configuration.md, docs/endpoints.md, docs/usage-log.md).
 
 Streamed responses (NDJSON and server-sent events) pass through a `StreamMeter`, called by
 mitmproxy once per received chunk. It never holds more than one incomplete line or event:
@@ -9,7 +9,7 @@ each complete frame as soon as the frame is complete. Non-streamed bodies are sm
 documents read whole in the response hook.
 
 A stream that ends before the upstream's counts (the client left, the upstream broke off)
-still counts what it consumed (SPEC 6): the meter counts the content frames it passed on
+still counts what it consumed (docs/usage-log.md): the meter counts the content frames it passed on
 (an NDJSON line, an SSE data event that carries generated text), and such a stream is
 logged with completion_tokens = that count (one token a frame, unless a count the
 upstream sent along the way says more) and `tokens_estimated: true`. On the path that
@@ -29,6 +29,7 @@ from mitmproxy import http
 from keygate.model import endpoints
 from keygate.model.errors import make_error
 from keygate.model.settings import cloud_allowed
+from keygate.request import state_of
 from keygate.stages.catalog import filter_running
 from keygate.stages.config import Config
 from keygate.stages.headerfields import decoded_body, get_field
@@ -123,7 +124,8 @@ def read_usage(api: str, doc: dict, tally: TokenCounts) -> None:
 
 
 def rename_model(doc: dict, upstream: str, client: str) -> bool:
-    """Put the client's model name back where the upstream echoes its own (SPEC 2)."""
+    """Put the client's model name back where the upstream echoes its own
+    (docs/configuration.md)."""
     changed = False
     for holder in (doc, doc.get("response"), doc.get("message")):
         if isinstance(holder, dict) and holder.get("model") == upstream:
@@ -306,7 +308,7 @@ class Meter:
         self.tallies: dict[str, TokenCounts] = {}
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if not flow.metadata.get("keygate.admitted") or flow.response is None:
+        if not state_of(flow).admitted or flow.response is None:
             return
         ctype = (get_field(flow.response.headers, b"content-type") or "").split(";")[0]
         ctype = ctype.strip().lower()
@@ -315,21 +317,21 @@ class Meter:
         ep = endpoints.classify(flow.request.method, endpoints.client_path(flow))
         tally = TokenCounts()
         self.tallies[flow.id] = tally
-        flow.metadata["keygate.stream"] = True
+        state_of(flow).stream = True
         flow.response.stream = StreamMeter(
             api=ep.api if ep else "ollama",
             sse=ctype == "text/event-stream",
             tally=tally,
             alias=_alias(flow),
-            strip_usage=bool(flow.metadata.get("keygate.strip_usage")),
+            strip_usage=bool(state_of(flow).strip_usage),
         )
 
     def response(self, flow: http.HTTPFlow) -> None:
-        if not flow.metadata.get("keygate.admitted") or flow.response is None:
+        if not state_of(flow).admitted or flow.response is None:
             return
         tally = self.tallies.pop(flow.id, None)
         if tally is None:
-            flow.metadata["keygate.stream"] = False
+            state_of(flow).stream = False
             tally = self._read_body(flow)
         self._publish(flow, tally)
 
@@ -340,21 +342,20 @@ class Meter:
 
     @staticmethod
     def _publish(flow: http.HTTPFlow, tally: TokenCounts) -> None:
-        md = flow.metadata
+        st = state_of(flow)
         completion = tally.completion_tokens
         estimated = tally.estimate() and _inference(flow)
         if estimated:
             # The counts never came: what went out counts, at least a token a frame.
             completion = tally.frames
-            md["keygate.tokens_estimated"] = True
-        md["keygate.prompt_tokens"] = tally.prompt_tokens
-        md["keygate.completion_tokens"] = completion
-        md["keygate.total_tokens"] = (tally.total_tokens if tally.total_tokens
-                                      and not estimated
-                                      else tally.prompt_tokens + completion)
-        md["keygate.finished"] = tally.finished
+            st.tokens_estimated = True
+        st.prompt_tokens = tally.prompt_tokens
+        st.completion_tokens = completion
+        st.total_tokens = (tally.total_tokens if tally.total_tokens and not estimated
+                           else tally.prompt_tokens + completion)
+        st.finished = tally.finished
         if tally.upstream_error:
-            md["keygate.error"] = "upstream_error"
+            st.error = "upstream_error"
 
     def _read_body(self, flow: http.HTTPFlow) -> TokenCounts:
         tally = TokenCounts(finished=True)
@@ -390,7 +391,7 @@ class Meter:
 
     @staticmethod
     def _garbage(flow: http.HTTPFlow) -> None:
-        """A success whose JSON does not parse is garbage (SPEC 5: 502 upstream_error), not
+        """A success whose JSON does not parse is garbage (docs/errors.md: 502 upstream_error), not
         a success without counts; nor may a model list go out unfiltered."""
         old = flow.response
         flow.response = make_error(flow, "upstream_error",
@@ -400,18 +401,18 @@ class Meter:
                 flow.response.headers.add(name, value)  # Cors has been; keep what it set
 
     def _filter_running(self, flow: http.HTTPFlow, doc: dict) -> bool:
-        """/api/ps shows only what the key may use, like /api/tags (SPEC 4)."""
+        """/api/ps shows only what the key may use, like /api/tags (docs/endpoints.md)."""
         state = self.config.state
         channels = state.settings.channels
-        name = flow.metadata.get("keygate.channel")
+        name = state_of(flow).channel
         channel = next((c for c in channels if c.name == name), None) if name else None
-        return filter_running(doc, state.keys.by_name.get(flow.metadata.get("keygate.key")),
+        return filter_running(doc, state.keys.by_name.get(state_of(flow).key),
                               channel, channels)
 
     def _filter_list(self, flow: http.HTTPFlow, doc: dict) -> bool:
-        """Model lists show only what the key may use (SPEC 4)."""
+        """Model lists show only what the key may use (docs/endpoints.md)."""
         state = self.config.state
-        key = state.keys.by_name.get(flow.metadata.get("keygate.key"))
+        key = state.keys.by_name.get(state_of(flow).key)
         channels = state.settings.channels
 
         def visible(name: object) -> bool:
@@ -436,8 +437,8 @@ def _inference(flow: http.HTTPFlow) -> bool:
 
 
 def _alias(flow: http.HTTPFlow) -> tuple[str, str] | None:
-    model = flow.metadata.get("keygate.model")
-    upstream = flow.metadata.get("keygate.upstream_model")
+    model = state_of(flow).model
+    upstream = state_of(flow).upstream_model
     if model and upstream and model != upstream:
         return (upstream, model)
     return None

@@ -33,8 +33,6 @@ import mitmproxy.proxy.server_hooks  # noqa: F401
 from mitmproxy import hooks
 
 LIFECYCLE = frozenset({"load", "configure", "running", "done"})
-# Deprecated: mitmproxy warns about any addon that has the name at all.
-DEPRECATED = frozenset({"add_log"})
 
 
 def _in_order(calls: list[Callable], last: list[Callable]) -> Callable:
@@ -126,16 +124,3 @@ class Pipeline:
     def __repr__(self) -> str:
         names = [type(s).__name__ for s in self.stages + self.last]
         return f"Pipeline({', '.join(names)})"
-
-
-def absent_hooks(namespace: dict) -> dict[str, None]:
-    """None for every hook name a script module's `namespace` does not bind.
-
-    mitmproxy asks the script module itself, too, for the hook of every event before it
-    reaches the module's `addons`. A module answers a name it lacks by building an
-    AttributeError with its message and throwing it away: 3-4.5 us on a 2-core machine,
-    against 0.1 us for a name bound to None, which mitmproxy skips. That happens eight times
-    a request (four flow events and an `update` after each): 0.7-1 % of all the
-    instructions mitmdump runs for a small request (callgrind). gateway.py binds these.
-    """
-    return {h: None for h in hooks.all_hooks if h not in namespace and h not in DEPRECATED}

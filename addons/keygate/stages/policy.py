@@ -1,4 +1,4 @@
-"""The `Policy` addon: what a key may do with the endpoint it asked for (SPEC 4).
+"""The `Policy` addon: what a key may do with the endpoint it asked for (docs/endpoints.md).
 
 At headers time it classifies the request against the endpoint table (deny by default),
 checks the key's scopes and the declared body size; once the body is in, it checks the
@@ -17,6 +17,7 @@ from mitmproxy import http
 from keygate.model import endpoints
 from keygate.model.errors import refuse
 from keygate.model.settings import cloud_allowed, model_name_problem
+from keygate.request import state_of
 from keygate.stages.config import Config
 from keygate.stages.headerfields import get_field
 
@@ -88,7 +89,7 @@ def keep_alive_seconds(value: object) -> float | None:
 
 
 def keep_alive_allowed(value: object, max_seconds: float) -> bool:
-    """Whether a key without `admin` may send this keep_alive (SPEC 4): it must come to
+    """Whether a key without `admin` may send this keep_alive (docs/endpoints.md): it must come to
     at least one second (0 unloads the model for everyone at once, as good as a few
     nanoseconds do) and at most `max_seconds` (a negative one pins the model for ever).
     Anything Ollama would not read is not allowed either."""
@@ -149,7 +150,7 @@ class Policy:
         if ep is not None and ep.kind == "root":
             flow.response = root_response(flow.request.method)
             return
-        key = self.config.state.keys.by_name.get(flow.metadata.get("keygate.key"))
+        key = self.config.state.keys.by_name.get(state_of(flow).key)
         if key is None:  # only reachable if keys.yaml dropped the key a moment ago
             refuse(flow, "invalid_api_key", "Invalid API key.")
             return
@@ -178,7 +179,7 @@ class Policy:
             return
         if ep.kind == "model":
             model = endpoints.path_model(path)
-            flow.metadata["keygate.model"] = model
+            state_of(flow).model = model
             if model_name_problem(model) is not None or not key.may_use(
                     model) or not self._cloud_ok(model):
                 # As if it did not exist: the key must not learn what else is installed.
@@ -218,12 +219,12 @@ class Policy:
             refuse(flow, "invalid_request",
                    "The request body must name a model (\"model\": string).")
             return
-        flow.metadata["keygate.model"] = model
+        state_of(flow).model = model
         problem = model_name_problem(model)
         if problem is not None:
             refuse(flow, "invalid_request", f"The model name {problem}.")
             return
-        key = self.config.state.keys.by_name.get(flow.metadata.get("keygate.key"))
+        key = self.config.state.keys.by_name.get(state_of(flow).key)
         if key is None:
             refuse(flow, "invalid_api_key", "Invalid API key.")
             return
@@ -236,7 +237,7 @@ class Policy:
             return
         if ep.kind == "inference":
             stream = doc.get("stream")
-            flow.metadata["keygate.wants_stream"] = (
+            state_of(flow).wants_stream = (
                 stream is not False if ep.streams_by_default else stream is True)
             changed = "_debug_render_only" in doc
             doc.pop("_debug_render_only", None)
@@ -245,9 +246,9 @@ class Policy:
                 del doc["keep_alive"]
                 changed = True
             if changed:
-                flow.metadata["keygate.body_changed"] = True
+                state_of(flow).body_changed = True
         # Parsed once here; the router edits and serialises it (and drops it from metadata).
-        flow.metadata["keygate.body"] = doc
+        state_of(flow).body = doc
 
     def _cloud_ok(self, model: str) -> bool:
         return cloud_allowed(model, self.config.state.settings.channels)

@@ -1,6 +1,6 @@
 """The `Recorder` addon: a request id on every response, and one usage-log line per request.
 
-The line is written when the request ends (SPEC 6): in the response hook (after the last
+The line is written when the request ends (docs/usage-log.md): in the response hook (after the last
 chunk of a stream), or in the error hook when the upstream broke or the client left. A
 flow gets exactly one of the two hooks from mitmproxy; `keygate.logged` makes doubly sure.
 Writing is queued to `UsageWriter`'s thread; the per-key counters in `Ledger` are updated
@@ -29,6 +29,7 @@ from keygate.accounting.ledger import Ledger
 from keygate.accounting.log import UsageWriter
 from keygate.model import endpoints
 from keygate.model.errors import refuse
+from keygate.request import state_of
 from keygate.stages.config import Config
 from keygate.stages.headerfields import set_fields
 
@@ -51,9 +52,9 @@ def new_request_id() -> str:
 
 def request_id(flow: http.HTTPFlow) -> str:
     """The flow's request id, drawn the first time it is asked for."""
-    rid = flow.metadata.get("keygate.id")
+    rid = state_of(flow).id
     if rid is None:
-        rid = flow.metadata["keygate.id"] = new_request_id()
+        rid = state_of(flow).id = new_request_id()
     return rid
 
 
@@ -83,10 +84,10 @@ def client_gone(flow: http.HTTPFlow) -> bool:
 def mitmproxy_ended(flow: http.HTTPFlow) -> tuple[int, str | None] | None:
     """(status, error code) where mitmproxy, not keygate, ended the request (flow.error
     set) and so decided what the client got; None where keygate's own status stands."""
-    md = flow.metadata
-    if md.get("keygate.malformed"):
+    st = state_of(flow)
+    if st.malformed:
         return 400, "invalid_request"  # mitmproxy's own 400 for a malformed request
-    if md.get("keygate.error") == "request_timeout":
+    if st.error == "request_timeout":
         # Deadlines closed the connection: the body did not arrive within
         # client_body_timeout_s. Nothing was sent or forwarded; nginx logs such a
         # request as 408.
@@ -96,19 +97,19 @@ def mitmproxy_ended(flow: http.HTTPFlow) -> tuple[int, str | None] | None:
         return 413, "request_too_large"
     if flow.request.timestamp_end is None and not flow.request.stream:
         # The body never arrived whole (the client left mid-body, broken chunking): nothing
-        # was sent and nothing forwarded, so it counts for nothing (SPEC 7).
-        return 499, md.get("keygate.error") or "invalid_request"
-    if flow.response is not None and md.get("keygate.admitted") and not flow.response.stream:
+        # was sent and nothing forwarded, so it counts for nothing (docs/limits.md).
+        return 499, st.error or "invalid_request"
+    if flow.response is not None and st.admitted and not flow.response.stream:
         # The upstream's whole answer broke off, was malformed or over body_size_limit
         # before any of it went out: mitmproxy answers 502 itself, unless the client left.
         return (499, None) if client_gone(flow) else (502, "upstream_error")
     if flow.response is not None and flow.response.stream and not client_gone(flow):
         # The headers went out; then the upstream broke the stream.
-        return flow.response.status_code, md.get("keygate.error") or "upstream_error"
+        return flow.response.status_code, st.error or "upstream_error"
     return None
 
 
-# Bounds, in characters, of the strings a client chooses (SPEC 6): a line must stay small
+# Bounds, in characters, of the strings a client chooses (docs/usage-log.md): a line must stay small
 # whatever a client sends, or a client without a key could fill the disk with a few huge
 # paths and make rotation cycle through the log. The longest real values (a blob digest
 # path, a Hugging Face model name, an IPv6 address) are far below them. Even when every
@@ -128,9 +129,10 @@ def bounded(value: object, limit: int) -> object:
 
 
 def build_record(flow: http.HTTPFlow, now: float) -> dict:
-    """The SPEC 6 record for a finished flow; reads only flow.metadata and the flow."""
-    md = flow.metadata
-    error = md.get("keygate.error")
+    """The usage-log record (docs/usage-log.md) for a finished flow; reads only its RequestState
+    and the flow."""
+    st = state_of(flow)
+    error = st.error
     ended = mitmproxy_ended(flow) if flow.error is not None else None
     if ended is not None:
         status, error = ended
@@ -143,40 +145,40 @@ def build_record(flow: http.HTTPFlow, now: float) -> dict:
         # keygate after upstream_timeout_s).
         status = 502
         error = error or "upstream_error"
-    streamed = bool(md.get("keygate.stream")) and flow.response is not None and bool(
+    streamed = bool(st.stream) and flow.response is not None and bool(
         flow.response.stream)
     if flow.error is not None:
         completed = False
     elif streamed:
-        completed = bool(md.get("keygate.finished")) and error != "upstream_error"
+        completed = bool(st.finished) and error != "upstream_error"
     else:
         completed = True
     start = flow.request.timestamp_start
-    prompt = md.get("keygate.prompt_tokens", 0)
-    completion = md.get("keygate.completion_tokens", 0)
+    prompt = st.prompt_tokens
+    completion = st.completion_tokens
     return {
         "ts": iso_ms(start),
-        "id": md.get("keygate.id"),
-        "key": md.get("keygate.key"),
+        "id": st.id,
+        "key": st.key,
         "status": status,
         "error": error,
         # As received: mitmproxy's .method is upper-cased.
         "method": bounded(flow.request.data.method.decode("utf-8", "surrogateescape"),
                           MAX_METHOD),
         "path": bounded(endpoints.client_path(flow), MAX_PATH),
-        "model": bounded(md.get("keygate.model"), MAX_MODEL),
-        "upstream_model": bounded(md.get("keygate.upstream_model"), MAX_MODEL),
-        "channel": md.get("keygate.channel"),
+        "model": bounded(st.model, MAX_MODEL),
+        "upstream_model": bounded(st.upstream_model, MAX_MODEL),
+        "channel": st.channel,
         "stream": streamed,
         "prompt_tokens": prompt,
         "completion_tokens": completion,
-        "total_tokens": md.get("keygate.total_tokens", prompt + completion),
+        "total_tokens": prompt + completion if st.total_tokens is None else st.total_tokens,
         "duration_ms": round((now - start) * 1000, 3),
-        "client_ip": bounded(md.get("keygate.client_ip") or _peer(flow), MAX_CLIENT_IP),
+        "client_ip": bounded(st.client_ip or _peer(flow), MAX_CLIENT_IP),
         "completed": completed,
         # True when the client left (or the upstream broke off) before the upstream's counts
         # came, and completion_tokens is keygate's count of the content it passed on.
-        "tokens_estimated": bool(md.get("keygate.tokens_estimated")),
+        "tokens_estimated": bool(st.tokens_estimated),
     }
 
 
@@ -270,11 +272,11 @@ class Recorder:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         # Runs for every request, refused ones included: they get an id and a line too.
         request_id(flow)
-        flow.metadata["keygate.seen"] = True
+        state_of(flow).seen = True
         if flow.error is not None and flow.response is None:
             # mitmproxy found the request malformed before any addon could act (smuggling
             # checks on its framing, a CONNECT) and answers 400 itself.
-            flow.metadata["keygate.malformed"] = True
+            state_of(flow).malformed = True
         self._inflight[flow.id] = flow
         if self.draining and not flow.response:
             refuse(flow, "gateway_unavailable", "The gateway is shutting down.")
@@ -293,10 +295,10 @@ class Recorder:
     @staticmethod
     def _stamp(flow: http.HTTPFlow) -> None:
         # Once per response object: the response hook follows responseheaders for most.
-        if flow.response is not None and flow.metadata.get("keygate.stamped") != id(
+        if flow.response is not None and state_of(flow).stamped != id(
                 flow.response):
             set_fields(flow.response.headers, {ID_HEADER: request_id(flow)})
-            flow.metadata["keygate.stamped"] = id(flow.response)
+            state_of(flow).stamped = id(flow.response)
 
     def client_disconnected(self, client) -> None:
         # A flow mitmproxy gave up on without a response or error hook (its connection
@@ -315,9 +317,9 @@ class Recorder:
 
     def _finish(self, flow: http.HTTPFlow) -> None:
         self._inflight.pop(flow.id, None)
-        if flow.metadata.get("keygate.logged"):
+        if state_of(flow).logged:
             return
-        flow.metadata["keygate.logged"] = True
+        state_of(flow).logged = True
         request_id(flow)
         self._record(build_record(flow, time.time()))
 

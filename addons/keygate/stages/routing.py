@@ -1,4 +1,5 @@
-"""The `Router` addon: sends an admitted request to its upstream (SPEC 2, 3, 4).
+"""The `Router` addon: sends an admitted request to its upstream (docs/configuration.md,
+docs/endpoints.md#authentication).
 
 It picks the channel for the requested model (highest priority first, spread by weight,
 skipping channels that are cooling down after failures), rewrites scheme, host, port and
@@ -23,6 +24,7 @@ from mitmproxy import http
 from keygate.model import endpoints
 from keygate.model.errors import refuse
 from keygate.model.settings import Channel
+from keygate.request import state_of
 from keygate.stages.config import Config
 from keygate.stages.deadlines import check_interval, connection_handler
 from keygate.stages.headerfields import has_field, set_fields
@@ -30,7 +32,7 @@ from keygate.stages.recorder import client_gone
 
 log = logging.getLogger("keygate")
 
-# Streams of these endpoints report usage only when asked with stream_options (SPEC 6).
+# Streams of these endpoints report usage only when asked with stream_options (docs/usage-log.md).
 USAGE_OPTION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 COOLDOWN_FIRST = 2.0
@@ -96,14 +98,7 @@ def choose(cands: list[Channel], health: Health, rng: random.Random) -> Channel 
     group = [c for c in healthy if c.priority == top]
     if len(group) == 1:
         return group[0]
-    # A weighted pick by hand: random.choices builds a cumulative list first, twice as slow
-    # for the two or three channels a group holds.
-    r = rng.random() * sum(c.weight for c in group)
-    for c in group:
-        r -= c.weight
-        if r < 0:
-            return c
-    return group[-1]  # (r rounded to exactly the total)
+    return rng.choices(group, weights=[c.weight for c in group])[0]
 
 
 class Router:
@@ -127,7 +122,7 @@ class Router:
         self._forward(flow)
 
     def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.error or not flow.live or flow.metadata.get("keygate.admitted"):
+        if flow.response or flow.error or not flow.live or state_of(flow).admitted:
             return
         self._forward(flow)
 
@@ -148,9 +143,10 @@ class Router:
             elif not has_field(flow.request.headers, b"content-length"):
                 refuse(flow, "invalid_request", "An HTTP/2 upload needs a content-length.")
                 return
-        model = flow.metadata.get("keygate.model")
-        doc = flow.metadata.pop("keygate.body", None)
-        changed = flow.metadata.pop("keygate.body_changed", False)
+        st = state_of(flow)
+        model = st.model
+        doc, changed = st.body, st.body_changed
+        st.body, st.body_changed = None, False  # (the request holds it from here on)
         settings = self.config.state.settings
         channels = settings.channels
 
@@ -168,7 +164,7 @@ class Router:
                 return
 
         upstream_model = channel.upstream_model(model) if channel and model else model
-        flow.metadata["keygate.upstream_model"] = upstream_model
+        state_of(flow).upstream_model = upstream_model
         if channel:
             if ep.kind == "model" and upstream_model != model:
                 path = "/v1/models/" + quote(upstream_model, safe=":@")
@@ -181,10 +177,10 @@ class Router:
             upstream_target = channel.upstream_path(path) + sep + query
             if upstream_target != target:  # (the setter re-encodes: skipped when the same)
                 flow.request.path = upstream_target
-            flow.metadata["keygate.channel"] = channel.name
+            state_of(flow).channel = channel.name
             if channel.api_key:
                 set_fields(flow.request.headers, {"authorization": f"Bearer {channel.api_key}"})
-                flow.metadata["keygate.credential"] = True
+                state_of(flow).credential = True
         if doc is not None:
             if upstream_model != model:
                 if "model" in doc or "name" not in doc:
@@ -192,14 +188,14 @@ class Router:
                 else:
                     doc["name"] = upstream_model
                 changed = True
-            if (flow.metadata.get("keygate.wants_stream") and path in USAGE_OPTION_PATHS
+            if (state_of(flow).wants_stream and path in USAGE_OPTION_PATHS
                     and (channel is None or channel.stream_usage)):
                 opts = doc.get("stream_options")
                 if not (isinstance(opts, dict) and opts.get("include_usage") is True):
                     # Ask for usage, and have the meter take back out what this added.
                     doc["stream_options"] = {**(opts if isinstance(opts, dict) else {}),
                                              "include_usage": True}
-                    flow.metadata["keygate.strip_usage"] = True
+                    state_of(flow).strip_usage = True
                     changed = True
             if changed:
                 flow.request.content = encode_json(doc)
@@ -210,7 +206,7 @@ class Router:
             # form keygate checked, as mitmproxy's regular mode does.
             if flow.request.data.authority:
                 flow.request.authority = ""
-        flow.metadata["keygate.admitted"] = True
+        state_of(flow).admitted = True
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # called outside mitmproxy's event loop: nothing to time
@@ -254,14 +250,16 @@ class Router:
         handler = connection_handler(flow.client_conn.id)
         if handler is None or flow.server_conn not in handler.transports:
             return
-        flow.metadata["keygate.error"] = "upstream_timeout"
+        state_of(flow).error = "upstream_timeout"
         log.warning("keygate: no response headers from %s within %.0f s; giving up",
-                    flow.metadata.get("keygate.channel") or flow.request.host, timeout)
+                    state_of(flow).channel or flow.request.host, timeout)
         handler.close_connection(flow.server_conn)
 
     def _disarm(self, flow: http.HTTPFlow) -> None:
         self._waiting.pop(flow.id, None)
-        if flow.metadata.pop("keygate.credential", False):
+        st = state_of(flow)
+        if st.credential:
+            st.credential = False
             # Sent by now: the channel's credential stays out of what runs after keygate
             # (mitmdump's flow dump prints request headers at flow_detail >= 2, saved flows).
             flow.request.headers.pop("authorization", None)
@@ -272,7 +270,7 @@ class Router:
     # Channel health: failures seen by the meter and the usage log feed the cooldown.
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._disarm(flow)
-        name = flow.metadata.get("keygate.channel")
+        name = state_of(flow).channel
         if name and flow.response is not None:
             if flow.response.status_code >= 500:
                 step = self.health.failure(name)
@@ -283,7 +281,7 @@ class Router:
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._disarm(flow)
-        name = flow.metadata.get("keygate.channel")
+        name = state_of(flow).channel
         if name and flow.response is None and not client_gone(flow):
             step = self.health.failure(name)
             log.warning("keygate: channel %s failed (%s); cooling down for %.0f s",

@@ -1,0 +1,99 @@
+"""What keygate knows about one request, carried from stage to stage.
+
+Each stage of the pipeline (keygate/stages/, in gateway.py's order) reads what the stages
+before it decided and adds what it decides itself. All of it is one `RequestState` per
+flow, here, field by field with the stage that sets it; `state_of(flow)` gives it.
+
+It lives on the flow object, not in `flow.metadata`: metadata is what mitmproxy saves
+with a flow (`mitmdump -w`) and shows in its tools, and keygate's working state is
+neither serialisable nor anyone else's business. The client's key is never in it, only
+the key's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mitmproxy import http
+
+ATTRIBUTE = "keygate"  # the flow attribute that holds the state
+
+
+@dataclass(slots=True)
+class RequestState:
+    # -- who asks, what for (Auth, Cors, Policy) -----------------------------------------
+    path: str | None = None
+    """The path as the client sent it, without the query (Auth, before routing rewrites
+    `flow.request.path`); model/endpoints.py's `client_path` reads it."""
+    client_ip: str | None = None
+    """The client address: the TCP peer, or X-Forwarded-For behind a trusted proxy (Auth)."""
+    key: str | None = None
+    """The name of the valid key presented; None until Auth found one (never the key)."""
+    origin: str | None = None
+    """The request's Origin when it is one of cors_origins (Cors)."""
+    model: str | None = None
+    """The model the client asked for, from the body or /v1/models/{model} (Policy)."""
+    wants_stream: bool = False
+    """Whether the client asked for a streamed answer, as its API defaults (Policy)."""
+    body: dict[str, Any] | None = None
+    """The JSON body, parsed once by Policy; the Router edits and serialises it."""
+    body_changed: bool = False
+    """Policy removed fields from `body`: the Router must write it back (Policy)."""
+
+    # -- where it goes (Router, Limiter) -------------------------------------------------
+    admitted: bool = False
+    """The Router sent it on to an upstream: fail-closed lets only these through."""
+    channel: str | None = None
+    """The channel that serves it (Router)."""
+    upstream_model: str | None = None
+    """The model name the upstream sees, after the channel's model_map (Router)."""
+    credential: bool = False
+    """The Router put the channel's own credential on the upstream request."""
+    strip_usage: bool = False
+    """The Router asked the upstream for usage the client did not ask for; the Meter
+    takes it out of the stream again."""
+    counted: bool = False
+    """The Limiter counted it against the key's limits (and must release it at the end)."""
+    reserved: int = 0
+    """Tokens the Limiter reserved for it against the key's token quotas."""
+    ratelimit: dict[str, str] | None = None
+    """The x-ratelimit-* headers for the answer (Limiter)."""
+
+    # -- what came back (Meter) ----------------------------------------------------------
+    stream: bool = False
+    """The answer is streamed (NDJSON or server-sent events)."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int | None = None
+    """Token counts the upstream reported (total_tokens: where it states one)."""
+    finished: bool = False
+    """The upstream's own end marker of a stream was seen."""
+    tokens_estimated: bool = False
+    """The stream ended before the upstream's counts: completion_tokens is keygate's
+    count of the content it passed on."""
+
+    # -- how it ended (every stage, the Recorder) ----------------------------------------
+    error: str | None = None
+    """keygate's error code (docs/errors.md) for the answer, or for how it ended."""
+    id: str | None = None
+    """The request id of x-keygate-request-id and the usage line (drawn on first use)."""
+    seen: bool = False
+    """Its headers passed every stage: the Recorder, the last, sets it (fail-closed)."""
+    malformed: bool = False
+    """mitmproxy refused the request as malformed before any stage could act."""
+    logged: bool = False
+    """Its usage line is written: never a second one."""
+    stamped: int | None = None
+    """id() of the response that got x-keygate-request-id (once per response object)."""
+    cors_stamped: int | None = None
+    """id() of the response that got the CORS headers (Cors)."""
+
+
+def state_of(flow: http.HTTPFlow) -> RequestState:
+    """The flow's RequestState, made on first use."""
+    try:
+        return flow.keygate
+    except AttributeError:
+        st = flow.keygate = RequestState()
+        return st
