@@ -1,7 +1,7 @@
 """scripts/bench --instructions: how many instructions a proxy runs per small request.
 
 CPU time per request (phase 1 of the full run) moves by up to 20 % between runs of the same
-proxy on a small shared machine, which is more than the margin SPEC 9's "CPU per request
+proxy on a small shared machine, which is more than the margin the target "CPU per request
 at most 1.2x bare mitmdump's" leaves. The instructions a process executes for the same
 requests do not move: here each proxy runs under valgrind's callgrind, serves the same small
 non-streamed requests one at a time on one kept-alive connection, and callgrind counts the

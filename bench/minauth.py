@@ -1,6 +1,7 @@
 """The smallest API-key gateway on mitmproxy, as scripts/bench's floor for keygate's CPU.
 
-SPEC 9 quotes "a 30-line auth addon that streams responses" beside bare mitmdump. This is
+The targets (docs/performance.md) quote "a 30-line auth addon that streams responses" beside bare
+mitmdump. This is
 that addon, streaming what keygate streams: it checks `Authorization: Bearer <key>`
 against the SHA-256 digests in $MINAUTH_KEY_SHA256 (comma-separated), answers 401 to
 anything else, keeps the header from the upstream, and streams event streams and NDJSON

@@ -14,7 +14,7 @@
   slow_streams.py    phase 3: many concurrent slow streams, peak memory
   keys.py            phase 4: 10,000 keys vs 1, reloading keys.yaml
   startup.py         phase 5: start-up with a big usage log
-  targets.py         SPEC 9's targets and their verdicts, the machine's scale
+  targets.py         the targets (docs/performance.md) and their verdicts, the machine's scale
   report.py          the tables printed on stdout
   json_output.py     the results as JSON (--json FILE)
 """

@@ -1,4 +1,5 @@
-"""How much each run measures: the full run (SPEC 9's figures) and --quick (a smoke run)."""
+"""How much each run measures: the full run (docs/performance.md figures) and --quick (a smoke
+run)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""What a run prints on stdout: one aligned table per phase, then SPEC 9's targets."""
+"""What a run prints on stdout: one aligned table per phase, then the targets
+(docs/performance.md)."""
 
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ def report(res: dict) -> str:
             rows,
             [
                 "CPU: utime+stime of the proxy process (/proc/PID/stat) per request at c=32",
-                f"{MINIMAL_LABEL}: the smallest key-checking addon (SPEC 9's '30-line auth "
+                f"{MINIMAL_LABEL}: the smallest key-checking addon (the targets' '30-line auth "
                 "addon'), streaming what keygate streams: what a key check costs, keygate's floor",
                 "keygate's hook time, timed in its process (bench/hooktime.py), per request: "
                 f"{hk['c1']['us_per_request']:,.0f} us at c=1, {hk['c32']['us_per_request']:,.0f} "
@@ -253,7 +254,7 @@ def report(res: dict) -> str:
     scale, bare_cpu = machine_scale(res), sr["bare_mitmdump"]["cpu_us_per_request"]
     parts.append(
         table(
-            "SPEC 9 targets",
+            "Targets (docs/performance.md)",
             ["target", "measured", "want", "", f"times scaled x{fmt(scale)}"],
             rows,
             [
@@ -261,7 +262,7 @@ def report(res: dict) -> str:
                 "addon (throughput); bare mitmdump plus keygate's hook time at c=32 (CPU) and "
                 "c=1 (p50); bare mitmdump streaming every body (streams); bare mitmdump's start "
                 "plus one read of the log's JSON with keygate's reader (cold start-up)",
-                f"times scaled: the targets in ms and s are wall-clock times set on SPEC 9's "
+                f"times scaled: the targets in ms and s are wall-clock times set on the "
                 f"reference machine, where bare mitmdump used ~{REFERENCE_BARE_CPU_US:.0f} us "
                 f"of CPU per small request; here it used {bare_cpu:,.0f} us (x{fmt(scale)}), "
                 "and the limit is scaled by as much",

@@ -115,7 +115,7 @@ def time_to_serve(
 def write_usage_log(
     folder: Path, lines: int, names: list[str], max_bytes: int = 100 * 1024 * 1024
 ) -> tuple[int, int]:
-    """`lines` realistic SPEC 6 records over the last four days, split into files the way
+    """`lines` realistic usage-log records over the last four days, split into files the way
     keygate's writer rotates them at the default 100 MB. Returns (bytes, files)."""
     rng = random.Random(6)
     end = time.time() - 60

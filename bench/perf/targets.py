@@ -1,23 +1,25 @@
-"""SPEC 9's targets, each with its measured value, its floor and its verdicts, and how much
-slower than SPEC 9's reference machine this one runs mitmproxy."""
+"""The targets (docs/performance.md), each with its measured value, its floor and its
+verdicts, and how much slower than the reference machine this one runs mitmproxy."""
 
 from __future__ import annotations
 
 from .common import SECTIONS
 from .stats import rnd
 
-# SPEC 9's reference machine: bare mitmdump used ~850 us of CPU per small request there.
+# The reference machine (docs/performance.md#targets): bare mitmdump used ~850 us of CPU per small
+# request there.
 REFERENCE_BARE_CPU_US = 850.0
 
 
 def machine_scale(res: dict) -> float:
-    """How much slower than SPEC 9's reference machine this one runs mitmproxy: bare
+    """How much slower than the reference machine this one runs mitmproxy: bare
     mitmdump's CPU per small request in this run over the reference's ~850 us."""
     return res["small_requests"]["bare_mitmdump"]["cpu_us_per_request"] / REFERENCE_BARE_CPU_US
 
 
 def targets(res: dict) -> list[dict]:
-    """SPEC 9's targets, each with its measured value (informative: never fails the run).
+    """The targets (docs/performance.md), each with its measured value (informative: never fails
+    the run).
     Some also carry `floor`: the same target measured on what keygate cannot be cheaper
     than. For throughput that is bench/minauth.py, the smallest key-checking addon (what
     any addon costs on mitmproxy). For CPU and p50 latency it is bare mitmdump plus
@@ -27,7 +29,7 @@ def targets(res: dict) -> list[dict]:
     mitmproxy costs when it streams); for the cold start-up, bare mitmdump's start plus one
     read of the log's JSON (what a recount of the log cannot skip).
 
-    The targets given in milliseconds or seconds are wall-clock times, set on SPEC 9's
+    The targets given in milliseconds or seconds are wall-clock times, set on docs/performance.md
     reference machine; every other target is a ratio in one run. Each of those also carries
     `scaled`: the same limit times machine_scale(), the verdict the target would give on a
     machine that runs mitmproxy as fast as the reference does. Both verdicts are reported."""
