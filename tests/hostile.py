@@ -23,7 +23,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 
-# -- what a key without the admin scope may make keygate forward (SPEC 4) -------------
+# -- what a key without the admin scope may make keygate forward (docs/endpoints.md) -------------
 
 INFERENCE_PATHS = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings",
                    "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
@@ -46,12 +46,14 @@ STATUS_OF = {
     "headers_too_large": 431, "rate_limit_exceeded": 429, "insufficient_quota": 429,
     "upstream_error": 502, "gateway_unavailable": 503,
 }
-# Fields keygate reads or cleans (SPEC 4, 6); Ollama's Go decoder folds case on them.
+# Fields keygate reads or cleans (docs/endpoints.md, docs/usage-log.md); Ollama's Go decoder folds
+# case on them.
 INSPECTED = ("model", "name", "stream", "stream_options", "keep_alive", "_debug_render_only")
 
 
 def model_allowed(name: object, patterns: tuple[str, ...]) -> bool:
-    """SPEC 2: glob patterns over requested names; a name without a tag is name:latest;
+    """docs/configuration.md: glob patterns over requested names; a name without a tag is
+    name:latest;
     cloud names are never allowed here (no channel serves them in these tests)."""
     if not isinstance(name, str) or not name:
         return False
@@ -128,7 +130,7 @@ def check_upstream_request(req, secrets: list[str], models: tuple[str, ...]) -> 
 
 
 def error_shape_ok(path: str, method: str, code: str, body: bytes) -> None:
-    """SPEC 5: the body for `code` on the path keygate saw (query removed)."""
+    """docs/errors.md: the body for `code` on the path keygate saw (query removed)."""
     if method.upper() == "HEAD":
         assert body == b""
         return

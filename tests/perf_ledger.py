@@ -5,7 +5,7 @@ Run by hand (not collected by pytest):
     .venv/bin/python tests/perf_ledger.py [--lines 1000000] [--dir /tmp/keygate-perf]
                                           [--single] [--baseline]
 
-Generates (once, then reuses) a log of realistic SPEC 6 records (~380 bytes a line),
+Generates (once, then reuses) a log of realistic usage-log records (~380 bytes a line),
 rotated at 100 MB like the default gateway.toml (or one file with --single), and times:
 cold load (no sidecar), warm load (sidecar valid), warm load after 10,000 more lines (what
 a kill -9 can leave uncounted), and the writer-side checkpoint of those lines.

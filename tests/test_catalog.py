@@ -1,4 +1,5 @@
-"""keygate/stages/catalog.py: what model lists show a key (SPEC 4), here /api/ps: the models an
+"""keygate/stages/catalog.py: what model lists show a key (docs/endpoints.md), here /api/ps: the
+models an
 Ollama server has loaded, with their digests and sizes, filtered like /api/tags."""
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def filtered(key: str | None, toml: str = "", channel: str | None = None) -> dic
 def test_without_channels_a_key_sees_the_loaded_models_it_may_use():
     assert names(filtered("llama")) == ["llama3.2:latest", "llama3.2:1b"]
     assert names(filtered("nothing")) == []
-    # A cloud name needs a channel that names it (SPEC 2), like in /api/tags.
+    # A cloud name needs a channel that names it (docs/configuration.md), like in /api/tags.
     assert names(filtered("alice")) == ["llama3.2:latest", "qwen2.5:7b", "llama3.2:1b"]
     assert filtered("llama")["models"][0] == ps_entry("llama3.2:latest")  # kept whole
 

@@ -1,4 +1,5 @@
-"""keygate/model/settings.py: gateway.toml parsed into frozen Settings and Channels (SPEC 2)."""
+"""keygate/model/settings.py: gateway.toml parsed into frozen Settings and Channels
+(docs/configuration.md)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ Every exchange is checked the same way (`Exchange.check`):
   scopes [inference, models] (no admin path: the key has no admin scope), in origin form,
   models only within its patterns, no client credential, no field Go's decoder would read
   as one keygate inspects, no unloading keep_alive, no _debug_render_only;
-- every refusal keygate makes has the SPEC 5 shape and x-keygate-error; a response without
+- every refusal keygate makes has the shape of docs/errors.md and x-keygate-error; a response
+without
   x-keygate-request-id is mitmproxy's own error page, and only in the documented cases:
   400 for a request mitmproxy cannot parse (then either no flow was formed, and mitmproxy
   logged why for that very connection, or the line says 400 invalid_request), 413 over
@@ -189,7 +190,8 @@ HEADER_TARGETS = [("GET", "/api/version", b""), ("POST", "/api/chat", CHAT),
 
 
 def credential_tokens(headers: list[tuple[str, str]]) -> list[tuple[str, str | None]]:
-    """(header, the key it carries per SPEC 3, or None) for every credential header a
+    """(header, the key it carries per docs/endpoints.md#authentication, or None) for every
+    credential header a
     server sees by that name: Authorization: Bearer <key>, x-api-key: <key>."""
     out = []
     for name, value in headers:
@@ -264,7 +266,8 @@ def test_several_authorization_headers_are_no_credential(hg):
                                   ("X-Custom-Token", "a, {k}; b")])
 def test_key_copied_into_other_headers_is_not_forwarded(hg, fake, also, whose):
     """A client accepted by its x-api-key that also sends its key, or another valid key,
-    elsewhere (api-key, as Azure-style clients do): no key reaches the upstream (SPEC 3).
+    elsewhere (api-key, as Azure-style clients do): no key reaches the upstream
+    (docs/endpoints.md#authentication).
     Another key is looked for in headers named like a credential (hashing every token of
     every header would make a big head expensive); the presented key in any header."""
     n = len(fake.requests)
@@ -316,7 +319,7 @@ def hostile_target(draw) -> bytes:
 
 
 def table_endpoint(method: bytes, path: str) -> str | None:
-    """SPEC 4, exact: 'root', 'forward', 'admin', or None (not in the table)."""
+    """docs/endpoints.md, exact: 'root', 'forward', 'admin', or None (not in the table)."""
     try:
         m = method.decode("ascii")
     except UnicodeDecodeError:

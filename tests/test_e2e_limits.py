@@ -1,4 +1,4 @@
-"""End to end: per-key limits and quotas under a running mitmdump (SPEC 7), and
+"""End to end: per-key limits and quotas under a running mitmdump (docs/limits.md), and
 scripts/keys operating on the keys.yaml a running keygate watches."""
 
 from __future__ import annotations

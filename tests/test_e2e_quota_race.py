@@ -1,4 +1,4 @@
-"""End to end: token quotas against requests that arrive at once (SPEC 7). Each request of
+"""End to end: token quotas against requests that arrive at once (docs/limits.md). Each request of
 a key with a token quota reserves an estimate of its tokens while in flight, so requests
 admitted together overshoot a quota by a bounded amount (keygate/stages/limiter.py states it)."""
 
@@ -101,7 +101,7 @@ def test_twenty_requests_at_once_against_a_quota_of_ten(fake, make_gateway):
     assert len([r for r in wave.results if r[0] == 200]) == upstream == 1
     assert eventually(lambda: len(gw.usage()) == 40)
     used = tokens_used(gw)
-    # The request that crosses the quota completes (SPEC 7); the overshoot is within the
+    # The request that crosses the quota completes (docs/limits.md); the overshoot is within the
     # bound: the last admitted request's tokens less one, none other in flight then.
     assert used == 2 * TOKENS
     assert used - QUOTA <= TOKENS - 1

@@ -19,7 +19,8 @@ def chat(gw, secret, timeout=10):
 
 
 def within_2s(check, timeout=2.5):
-    """The SPEC promise is "within 2 seconds": poll until then (plus scheduling slack)."""
+    """The promise is "within 2 seconds" (docs/configuration.md#reloading): poll until then (plus
+    scheduling slack)."""
     return eventually(check, timeout)
 
 

@@ -1,5 +1,6 @@
 """End to end: an edit of keys.yaml that keygate could not read when it was made takes
-effect within 2 s of the file becoming readable (SPEC 2), whether or not the file itself
+effect within 2 s of the file becoming readable (docs/configuration.md), whether or not the file
+itself
 changes meanwhile: a failed read is tried again until it succeeds."""
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ def test_client_disconnect_midstream_still_logs(gateway, fake):
     finally:
         fake.chunk_delay = 0.0
     assert rec["completed"] is False and rec["stream"] is True and rec["key"] == "alice"
-    # The counts come only in the final chunk: what went out counts instead (SPEC 6).
+    # The counts come only in the final chunk: what went out counts instead (docs/usage-log.md).
     assert rec["completion_tokens"] >= 1 and rec["tokens_estimated"] is True
 
 

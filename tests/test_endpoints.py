@@ -1,4 +1,4 @@
-"""keygate/model/endpoints.py: the endpoint table of SPEC 4, matched exactly as sent."""
+"""keygate/model/endpoints.py: the endpoint table of docs/endpoints.md, matched exactly as sent."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from keygate.model.endpoints import classify, path_model
 
 DIGEST = "sha256:" + "0123456789abcdef" * 4
 
-# SPEC 4, row by row: (method, path, scope). scope None: answered by keygate, no key.
+# docs/endpoints.md, row by row: (method, path, scope). scope None: answered by keygate, no key.
 TABLE = [
     ("GET", "/", None),
     ("HEAD", "/", None),
