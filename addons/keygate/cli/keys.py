@@ -683,12 +683,8 @@ name_argument = click.argument("name", metavar="NAME", shell_complete=_complete_
 @config_option(CONFIG_HELP)
 def revoke_command(name: str, config: str | None) -> int:
     """Disable a key (enabled: false); it stays in the file."""
-    path, changed = _edit(config, name, _set_enabled(False), lambda k: replace(k, enabled=False))
-    if changed:
-        note(PROG, f"revoked key {name!r} in {path} (enabled: false; 'enable' undoes it)")
-    else:
-        note(PROG, f"key {name!r} is already revoked; {path} not changed")
-    return 0
+    return _set(name, config, False, "revoked", lambda path: (
+        f"revoked key {name!r} in {path} (enabled: false; 'enable' undoes it)"))
 
 
 @cli.command("enable")
@@ -696,11 +692,18 @@ def revoke_command(name: str, config: str | None) -> int:
 @config_option(CONFIG_HELP)
 def enable_command(name: str, config: str | None) -> int:
     """Enable a key again."""
-    path, changed = _edit(config, name, _set_enabled(True), lambda k: replace(k, enabled=True))
+    return _set(name, config, True, "enabled", lambda path: f"enabled key {name!r} in {path}")
+
+
+def _set(name: str, config: str | None, enabled: bool, word: str,
+         done: Callable[[Path], str]) -> int:
+    """revoke and enable: set `enabled`, and say what changed (or that nothing did)."""
+    path, changed = _edit(config, name, _set_enabled(enabled),
+                          lambda k: replace(k, enabled=enabled))
     if changed:
-        note(PROG, f"enabled key {name!r} in {path}")
+        note(PROG, done(path))
     else:
-        note(PROG, f"key {name!r} is already enabled; {path} not changed")
+        note(PROG, f"key {name!r} is already {word}; {path} not changed")
     return 0
 
 
