@@ -10,9 +10,9 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons
 
+from helpers.unit import make_config, make_flow, secret_of
 from keygate.request import state_of
 from keygate.stages.auth import Auth, client_address, take_credentials
-from keygate_unit import make_config, make_flow, secret_of
 
 S = "sk-test-0123456789"
 

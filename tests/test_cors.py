@@ -7,12 +7,12 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons
 
+from helpers.unit import make_config, make_flow, run_request
 from keygate.request import state_of
 from keygate.stages.auth import Auth
 from keygate.stages.cors import Cors
 from keygate.stages.policy import Policy
 from keygate.stages.routing import Router
-from keygate_unit import make_config, make_flow, run_request
 
 APP = "https://app.example.com"
 TOML = f'[gateway]\ncors_origins = ["{APP}", "http://localhost:5173"]\n'

@@ -17,12 +17,12 @@ from mitmproxy import connection, http
 from mitmproxy.flow import Error
 from mitmproxy.test import taddons, tflow
 
+from helpers.unit import CONFIG_PATH, make_config, make_flow, with_state
 from keygate.model.settings import ConfigError, parse_settings
 from keygate.request import state_of
 from keygate.stages.config import State
 from keygate.stages.deadlines import MIN_TICK, TICK, Deadlines
 from keygate.stages.recorder import build_record
-from keygate_unit import CONFIG_PATH, make_config, make_flow, with_state
 
 
 class Clock:

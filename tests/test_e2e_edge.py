@@ -18,9 +18,9 @@ import zlib
 
 import httpx
 import pytest
-from hostile import http1, rss_mb, send_raw
 
 from conftest import Gateway, KeySpec
+from helpers.hostile import http1, rss_mb, send_raw
 
 USER = KeySpec("user", settings={"models": ["llama3.2:*"]})
 ANY = KeySpec("any")  # every model

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from hostile import Tracker, http1, rss_mb, send_raw
 
 from conftest import Gateway, KeySpec, eventually, keys_yaml
 from fakeollama import FakeOllama
+from helpers.hostile import Tracker, http1, rss_mb, send_raw
 
 KEY = KeySpec("worker")
 KEYS = {"worker": KEY, "limited": KeySpec("limited", settings={"limits": {"concurrent": 3}}),

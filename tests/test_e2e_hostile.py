@@ -26,7 +26,11 @@ import re
 import time
 
 import pytest
-from hostile import (
+from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import strategies as st
+
+from conftest import Gateway, KeySpec, keys_yaml
+from helpers.hostile import (
     ADMIN_ENDPOINTS,
     FORWARDABLE,
     INFERENCE_PATHS,
@@ -46,10 +50,6 @@ from hostile import (
     rss_mb,
     send_raw,
 )
-from hypothesis import HealthCheck, assume, example, given, settings
-from hypothesis import strategies as st
-
-from conftest import Gateway, KeySpec, keys_yaml
 
 MODELS = ("llama3.2:*",)
 USER = KeySpec("user", settings={"models": list(MODELS)})

@@ -10,10 +10,10 @@ from mitmproxy import http
 from mitmproxy.proxy.layers.http import HttpRequestHeadersHook, HttpRequestHook
 from mitmproxy.test import taddons, tflow
 
+from helpers.unit import with_state
 from keygate.request import state_of
 from keygate.stages.failclosed import FailClosed, LastStage
 from keygate.stages.pipeline import Pipeline
-from keygate_unit import with_state
 
 SECRET = "sk-failclosed-test-0123456789"
 

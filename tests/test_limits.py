@@ -15,6 +15,7 @@ from mitmproxy import http
 from mitmproxy.flow import Error
 from mitmproxy.test import taddons
 
+from helpers.unit import make_config, make_flow, with_state
 from keygate.model.keyring import Limits as KeyLimits
 from keygate.request import state_of
 from keygate.stages import limiter as limits_module
@@ -27,7 +28,6 @@ from keygate.stages.limiter import (
     seconds_to_utc_midnight,
     utc_day,
 )
-from keygate_unit import make_config, make_flow, with_state
 
 
 def at(text: str) -> float:

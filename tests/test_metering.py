@@ -13,9 +13,9 @@ from mitmproxy import http
 from mitmproxy.test import taddons
 
 import keygate.stages.metering as metering
+from helpers.unit import make_config, make_flow, with_state
 from keygate.request import state_of
 from keygate.stages.metering import Meter, StreamMeter, TokenCounts
-from keygate_unit import make_config, make_flow, with_state
 
 
 def dumps(doc) -> bytes:

@@ -9,6 +9,7 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons
 
+from helpers.unit import make_config, make_flow, request_json, response_json, run_request
 from keygate.request import state_of
 from keygate.stages.auth import Auth
 from keygate.stages.policy import (
@@ -19,7 +20,6 @@ from keygate.stages.policy import (
     keep_alive_allowed,
 )
 from keygate.stages.routing import Router
-from keygate_unit import make_config, make_flow, request_json, response_json, run_request
 
 DIGEST = "sha256:" + "ab" * 32
 

@@ -13,12 +13,12 @@ from mitmproxy import http
 from mitmproxy.flow import Error
 from mitmproxy.test import taddons
 
+from helpers.unit import make_config, make_flow, request_json, run_request, secret_of, with_state
 from keygate.model.settings import Channel
 from keygate.request import state_of
 from keygate.stages.auth import Auth
 from keygate.stages.policy import Policy
 from keygate.stages.routing import COOLDOWN_FIRST, COOLDOWN_MAX, Health, Router, candidates, choose
-from keygate_unit import make_config, make_flow, request_json, run_request, secret_of, with_state
 
 
 class Clock:

@@ -10,6 +10,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from mitmproxy.test import tflow
 
+from helpers.unit import with_state
 from keygate.accounting.log import encode
 from keygate.request import state_of
 from keygate.stages.recorder import (
@@ -23,7 +24,6 @@ from keygate.stages.recorder import (
     new_request_id,
     request_id,
 )
-from keygate_unit import with_state
 
 
 def reference(ts: float) -> str:

@@ -2,8 +2,8 @@
 
 Run by hand (not collected by pytest):
 
-    .venv/bin/python tests/perf_ledger.py [--lines 1000000] [--dir /tmp/keygate-perf]
-                                          [--single] [--baseline]
+    .venv/bin/python tests/helpers/perf_ledger.py [--lines 1000000] [--dir /tmp/keygate-perf]
+                                                  [--single] [--baseline]
 
 Generates (once, then reuses) a log of realistic usage-log records (~380 bytes a line),
 rotated at 100 MB like the default gateway.toml (or one file with --single), and times:
@@ -22,7 +22,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "addons"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "addons"))
 
 from keygate.accounting.ledger import Ledger, sidecar_path  # noqa: E402
 from keygate.accounting.log import log_files, rotated_name  # noqa: E402
