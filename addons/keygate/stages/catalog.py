@@ -58,12 +58,12 @@ def _unix(ts: object) -> int:
     if not isinstance(ts, str):
         return 0
     try:
-        # Go writes nanoseconds; fromisoformat takes at most microseconds.
+        # Go writes nanoseconds; fromisoformat takes at most microseconds. The fraction
+        # is the digits right after the dot; the zone (Z, +hh:mm, -hh:mm) follows.
         head, dot, frac = ts.partition(".")
         if dot:
-            digits = "".join(c for c in frac if c.isdigit())
-            zone = frac[len(digits):]
-            ts = f"{head}.{digits[:6]}{zone}"
+            n = len(frac) - len(frac.lstrip("0123456789"))
+            ts = f"{head}.{frac[:min(n, 6)]}{frac[n:]}"
         return int(dt.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp())
     except ValueError:
         return 0
@@ -186,8 +186,10 @@ class Catalog:
         content = json.dumps(body, separators=(",", ":")).encode()
         ctype = "application/json; charset=utf-8"
         if flow.request.method == "HEAD":
-            flow.response = http.Response.make(200, b"", {
-                "content-type": ctype, "content-length": str(len(content))})
+            # make() sets the length of the body it is given: the length of the GET's
+            # body goes in after it.
+            flow.response = http.Response.make(200, b"", {"content-type": ctype})
+            flow.response.headers["content-length"] = str(len(content))
         else:
             flow.response = http.Response.make(200, content, {"content-type": ctype})
 
