@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from mitmproxy import http
@@ -455,3 +456,14 @@ def test_identity_content_encoding_is_no_encoding():
     with taddons.context():
         run_request(f, Auth(config), Policy(config))
     assert f.response is None and state_of(f).model == "llama3.2:1b"
+
+
+@pytest.mark.parametrize("value", [10 ** 400, -(10 ** 400), "1" * 5000 + "s",
+                                   "1." + "1" * 5000 + "s", "1s" * 200_000])
+def test_keep_alive_a_client_made_huge_is_removed_at_once(value):
+    """A key holder chooses keep_alive: a 400-digit number, 5,000 digits in a duration
+    (int() refuses more than 4,300) or a duration of 200,000 parts must neither raise in
+    the stage nor cost the event loop time; none of them is a keep_alive to let through."""
+    t0 = time.perf_counter()
+    assert keep_alive_allowed(value, 3600) is False
+    assert time.perf_counter() - t0 < 0.01

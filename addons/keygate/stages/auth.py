@@ -166,8 +166,9 @@ class Auth:
             # credential still goes no further, not even into mitmdump's flow dump.
             drop_credentials(flow)
             return
+        st = state_of(flow)
         # As received, before routing rewrites it; the query stays out of the log.
-        state_of(flow).path = flow.request.path.split("?", 1)[0]
+        st.path = flow.request.path.split("?", 1)[0]
         state = self.config.state
         settings = state.settings
         ip = client_address(
@@ -176,7 +177,7 @@ class Auth:
             flow.request.headers.get_all("x-forwarded-for") if settings.trusted_proxies else [],
             settings.trusted_proxies,
         )
-        state_of(flow).client_ip = ip
+        st.client_ip = ip
 
         # The client's credential never goes further than this hook, nor does any other
         # header a client also put a key in.
@@ -190,17 +191,17 @@ class Auth:
             refuse(flow, "invalid_api_key", "Malformed API key header." if had_header else
                    "No API key given: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'.")
             return
-        path = flow.request.path
-        if "?" in path:
-            # A key copied into the URL too must not leave keygate there either.
-            clean = without_key_in_query(path, secret, state.keys)
-            if clean != path:
-                flow.request.path = clean
-        if secret in unquote(state_of(flow).path):
+        if secret in unquote(st.path):
             refuse(flow, "invalid_request",
                    "The API key must not be part of the URL path: send it in a header.")
             return
         key = state.keys.lookup(secret)
+        if key is not None and "?" in flow.request.path:
+            # A key copied into the URL too must not leave keygate there either. (Only for
+            # a valid key: nothing else is forwarded, and the search hashes tokens.)
+            clean = without_key_in_query(flow.request.path, secret, state.keys)
+            if clean != flow.request.path:
+                flow.request.path = clean
         del secret
         if key is None:
             refuse(flow, "invalid_api_key", "Invalid API key.")
@@ -210,6 +211,6 @@ class Auth:
             refuse(flow, "invalid_api_key", "This API key has expired.")
         else:
             # From here on the key is valid; its name (never the secret) is the identity.
-            state_of(flow).key = key.name
+            st.key = key.name
             if not key.allows_ip(ip):
                 refuse(flow, "permission_denied", f"This API key may not be used from {ip}.")

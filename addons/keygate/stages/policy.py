@@ -34,12 +34,18 @@ _GO_UNITS = {"ns": 1, "us": 1_000, "\u00b5s": 1_000, "\u03bcs": 1_000, "ms": 1_0
              "s": 1_000_000_000, "m": 60_000_000_000, "h": 3_600_000_000_000}
 _GO_PART = re.compile(r"([0-9]*)(?:\.([0-9]*))?([^0-9.]+)")
 _GO_MAX = (1 << 63) - 1
+_GO_MAX_TEXT = 64  # characters; "2562047h47m16.854775807s" (the longest in range) has 24
 
 
 def go_duration_ns(text: str) -> int | None:
     """Nanoseconds of a Go duration string as time.ParseDuration reads it, or None where
     it fails (Ollama then refuses the request). Exact: integers, as Go computes it, so
     "0.1ns" is 0 and "999999h" is what it says."""
+    if len(text) > _GO_MAX_TEXT:
+        # Go would read a longer one, but only as an overflow or a duration made of many
+        # parts; reading it here would cost time a client chooses (and int() refuses
+        # more than 4,300 digits). None: not a keep_alive keygate lets through.
+        return None
     s = text
     neg = s[:1] == "-"
     if s[:1] in "-+" and s:
@@ -79,7 +85,9 @@ def keep_alive_seconds(value: object) -> float | None:
             return None
         if value < 0:
             return -1.0
-        return float(math.trunc(value)) if value != math.inf else math.inf
+        if value >= 1e18:  # longer than any limit (and float() of a 400-digit int raises)
+            return math.inf
+        return float(math.trunc(value))
     if isinstance(value, str):
         ns = go_duration_ns(value)
         if ns is None:
