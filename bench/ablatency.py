@@ -53,24 +53,32 @@ def main() -> None:
     p.add_argument("--per-block", type=int, default=150)
     args = p.parse_args()
     key = KeySpec("bench")
-    fake = FakeOllama().start()
-    here = Gateway(Path(tempfile.mkdtemp()), fake.url, keys={"bench": key}).start()
-    other = Gateway(Path(tempfile.mkdtemp()), fake.url, keys={"bench": key},
-                    script=args.other.resolve() / "addons" / "gateway.py").start()
-    try:
-        timed(here, key, 200), timed(other, key, 200)  # warm-up
-        a: list[float] = []
-        b: list[float] = []
-        for _ in range(args.blocks):
-            a += timed(here, key, args.per_block)
-            b += timed(other, key, args.per_block)
-        print(f"this checkout  p50 {statistics.median(a) * 1e3:.3f} ms  (n={len(a)})")
-        print(f"{args.other}  p50 {statistics.median(b) * 1e3:.3f} ms  (n={len(b)})")
-    finally:
-        here.stop()
-        other.stop()
-        fake.stop()
-
+    with tempfile.TemporaryDirectory() as tmp:
+        fake = FakeOllama().start()
+        started: list[Gateway] = []
+        try:
+            for name, script in (("here", None),
+                                 ("other", args.other.resolve() / "addons" / "gateway.py")):
+                gw = Gateway(Path(tmp) / name, fake.url, keys={"bench": key}, script=script)
+                started.append(gw)
+                gw.start()
+            here, other = started
+            timed(here, key, 200), timed(other, key, 200)  # warm-up
+            a: list[float] = []
+            b: list[float] = []
+            for i in range(args.blocks):
+                # Each goes first in every other block: no order favours either.
+                first, second = (here, other) if i % 2 == 0 else (other, here)
+                x = timed(first, key, args.per_block)
+                y = timed(second, key, args.per_block)
+                a += x if first is here else y
+                b += y if first is here else x
+            print(f"this checkout  p50 {statistics.median(a) * 1e3:.3f} ms  (n={len(a)})")
+            print(f"{args.other}  p50 {statistics.median(b) * 1e3:.3f} ms  (n={len(b)})")
+        finally:
+            for gw in started:
+                gw.stop()
+            fake.stop()
 
 if __name__ == "__main__":
     main()

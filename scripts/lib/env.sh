@@ -7,7 +7,9 @@
 #               keygate from elsewhere was installed into (KEYGATE_VENV)
 # Set KEYGATE_EXTRAS=test before sourcing to install the test dependencies too.
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+# The physical path: the install stamp holds it, and a checkout reached through a symlink
+# (/opt/keygate under systemd) must not look like another checkout and be installed again.
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)"
 VENV="${KEYGATE_VENV:-$ROOT/.venv}"
 
 _keygate_python() {

@@ -42,6 +42,7 @@ import click
 import tomlkit
 from tomlkit.items import AoT, Array, Comment, Table, Whitespace
 
+from keygate import direct
 from keygate.cli.common import (
     DEFAULT_CONFIG,
     LIST_WIDTH,
@@ -359,6 +360,9 @@ def list_table(rows: list[dict[str, Any]]) -> str:
 # --- test ------------------------------------------------------------------------------------
 
 
+STATUS_WIDTH = 80  # an upstream chooses its reason phrase (up to 64 KB in a status line)
+
+
 @dataclass
 class Result:
     ok: bool
@@ -366,16 +370,8 @@ class Result:
     ms: float
     body: bytes = b""
 
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    # urllib would follow a redirect with the Authorization header, to any host.
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
-
-
-def _opener() -> urllib.request.OpenerDirector:
-    # No proxy from the environment: the gateway connects directly, so the test does too.
-    return urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+    def __post_init__(self) -> None:
+        self.status = cell(self.status, STATUS_WIDTH)
 
 
 def fetch(url: str, body: dict | None, token: str | None, timeout: float) -> Result:
@@ -390,7 +386,7 @@ def fetch(url: str, body: dict | None, token: str | None, timeout: float) -> Res
                                  method="POST" if body is not None else "GET")
     t0 = time.perf_counter()
     try:
-        with _opener().open(req, timeout=timeout) as resp:
+        with direct.opener().open(req, timeout=timeout) as resp:
             payload = resp.read(8 * 1024 * 1024)
             ms = (time.perf_counter() - t0) * 1000
             return Result(200 <= resp.status < 300, f"{resp.status} {resp.reason}", ms, payload)
@@ -446,10 +442,12 @@ def pick_model(ch: Channel, listed: list[str] | None) -> str | None:
 
 
 def _snippet(body: bytes, secret: str | None) -> str:
-    text = " ".join(body.decode("utf-8", "replace").split())[:200]
+    """The start of an upstream's answer, for the report: the channel's credential taken out
+    before the cut (a cut across it would leave part of it), the cut marked."""
+    text = body.decode("utf-8", "replace")
     if secret:
         text = text.replace(secret, "***")
-    return text
+    return cell(" ".join(text.split()), 200)
 
 
 def say(line: str) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from mitmproxy import http
 
+from keygate import direct
 from keygate.model import endpoints
 from keygate.model.errors import refuse
 from keygate.model.keyring import Key
@@ -47,11 +48,18 @@ class ModelInfo:
     tag: dict | None  # the /api/tags entry, for models of ollama channels
 
 
+MAX_LIST_BYTES = 16 * 1024 * 1024  # a model list is kilobytes; past this it is not one
+
+
 def fetch_json(url: str, headers: dict[str, str], timeout: float = FETCH_TIMEOUT) -> object:
-    """Blocking GET of a JSON document; run it in a thread."""
+    """Blocking GET of a JSON document, direct and without redirects (keygate/direct.py);
+    run it in a thread."""
     req = urllib.request.Request(url, headers={"accept": "application/json", **headers})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (operator's URL)
-        return json.loads(resp.read())
+    with direct.opener().open(req, timeout=timeout) as resp:
+        body = resp.read(MAX_LIST_BYTES + 1)
+    if len(body) > MAX_LIST_BYTES:
+        raise ValueError(f"a model list over {MAX_LIST_BYTES} bytes")
+    return json.loads(body)
 
 
 def _unix(ts: object) -> int:
