@@ -143,3 +143,13 @@ def test_refuse_sets_the_response_and_header_names():
     assert f.response.headers["retry-after"] == "3"
     assert json.loads(f.response.content)["error"]["code"] == "rate_limit_exceeded"
     assert state_of(f).error == "rate_limit_exceeded"
+
+
+def test_an_answered_request_keeps_no_query():
+    """mitmdump's flow dump prints the URL: a key in the query of a refused request (Auth
+    takes it out only for a valid key) must not be printed."""
+    f = tflow.tflow()
+    f.request.path = "/api/tags?key=sk-secret-in-the-query&x=1"
+    refuse(f, "invalid_api_key", "Invalid API key.")
+    assert f.request.path == "/api/tags"
+    assert b"sk-secret" not in f.response.content

@@ -4,6 +4,7 @@ and the answers it sends where mitmproxy would send its own page."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from hypothesis import given
@@ -113,3 +114,19 @@ def test_redaction_does_bounded_work_and_never_shows_request_bytes():
                 f"x: b'{secret}"):  # one never closed
         out = redact(msg)
         assert secret not in out and len(out) < MAX_MESSAGE + 100
+
+
+def test_blank_lines_before_a_request_count_against_the_limit():
+    """h11 drops one leading blank line per received chunk and parses nothing: a stream of
+    CR LF grew mitmdump by hundreds of MB without a 431."""
+    assert wire.head_problem(b"\r\n" * 100, 0, 1024) is None
+    assert wire.head_problem(b"\r\n" * 1000, 0, 1024)[0] == 431
+    assert wire.head_problem(b"\n" * 2000, 0, 1024)[0] == 431
+    assert wire.head_problem(b"\r\n" + HEAD, 0, 1024) is None
+
+
+def test_a_head_of_many_tiny_lines_is_checked_in_one_search():
+    head = b"GET / HTTP/1.1\r\n" + b"a:\r\n" * 16_000 + b"\r\n"
+    t0 = time.perf_counter()
+    assert wire.head_problem(head, 0, 100_000) is None
+    assert time.perf_counter() - t0 < 0.02

@@ -52,9 +52,11 @@ DEFAULT_MAX_HEAD = 64 * 1024
 
 # Where the head ends: the blank line, as h11's buffer finds it (LF LF or LF CR LF).
 _HEAD_END = re.compile(rb"\n\r?\n")
-# A byte no header line may hold: controls other than HTAB, and DEL (RFC 9110 5.5). CR
-# and LF are only line ends; a CR left inside a line is a bare CR.
-_BAD_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# What no header line may hold: a line that starts with SP or HTAB (a fold: the LF before
+# it), controls other than HTAB, and DEL (RFC 9110 5.5); CR only right before LF (else a
+# bare CR).
+_LINE_PROBLEM = re.compile(rb"\n[ \t]|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)")
+_NOT_SPACE = re.compile(rb"\S")
 _REQUEST_LINE = re.compile(rb"([A-Za-z]{1,20}) (\S{1,8192}) HTTP/\d\.\d\r?$")
 
 # status -> keygate's code for the answers mitmproxy would otherwise make itself
@@ -94,6 +96,11 @@ def head_problem(data: bytes | bytearray, start: int, limit: int) -> tuple[int, 
     bytes; (400, why) for a folded or control-laden header line; None while the head is
     incomplete and within the limit, or complete and clean.
     """
+    if data[:1] == b"\n" or data[:2] == b"\r\n":
+        # Blank lines before a request (RFC 9112 lets a server skip them): h11 drops one
+        # per received chunk and parses nothing else, so they count against the limit as
+        # they pile up, or a stream of CR LF would grow the buffer without end.
+        return (431, f"request head over {limit} bytes") if len(data) > limit else None
     m = _HEAD_END.search(data, max(0, start))
     if m is None:
         if len(data) > limit:
@@ -102,15 +109,14 @@ def head_problem(data: bytes | bytearray, start: int, limit: int) -> tuple[int, 
     end = m.end()
     if end > limit:
         return 431, f"request head of {end} bytes, over {limit}"
-    lines = bytes(data[:end]).split(b"\n")[1:-2]  # the header lines, without the ending
-    for line in lines:
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if line[:1] in (b" ", b"\t"):
-            return 400, "a header line folded onto the previous one (obs-fold)"
-        if _BAD_BYTE.search(line):
-            return 400, "a control character in a header line"
-    return None
+    # The header lines, from the end of the request line to the last line's LF: one search
+    # (a head of 16,000 tiny lines costs a Python loop 4 ms, this under 1).
+    bad = _LINE_PROBLEM.search(data, data.find(b"\n"), m.start() + 1)
+    if bad is None:
+        return None
+    if bad.group()[:1] == b"\n":
+        return 400, "a header line folded onto the previous one (obs-fold)"
+    return 400, "a control character in a header line"
 
 
 def _request_line(data: bytes | bytearray) -> tuple[str, str]:
@@ -186,7 +192,7 @@ def _wrap_read_headers(original):
                 return
         elif isinstance(event, events.ConnectionClosed):
             # mitmproxy would log the unfinished head's bytes, credentials and all.
-            if bytes(self.buf).strip():  # (at most max_head bytes: see above)
+            if _NOT_SPACE.search(self.buf._data):  # (no copy of what was buffered)
                 yield commands.Log("client closed the connection before completing its "
                                    f"request head ({len(self.buf)} bytes, not shown)")
             yield commands.CloseConnection(self.conn)
@@ -207,8 +213,7 @@ def _wrap_send(original):
                 return
             path = self.request.path if self.request is not None else ""
             method = self.request.method if self.request is not None else ""
-            yield commands.SendData(self.conn, error_response(
-                event.code, path.split("?")[0], method=method))
+            yield commands.SendData(self.conn, error_response(event.code, path, method=method))
             yield commands.CloseConnection(self.conn)
             return
         yield from original(self, event)

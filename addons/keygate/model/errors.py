@@ -41,11 +41,18 @@ def error_body(path: str, code: str, message: str) -> bytes:
 def make_error(
     flow: http.HTTPFlow, code: str, message: str, headers: dict[str, str] | None = None
 ) -> http.Response:
-    """Build the response and leave the code in the request state for the usage log."""
+    """Build the response and leave the code in the request state for the usage log.
+
+    The request's query goes: an answered request is not forwarded, and the query (which
+    a client may have put a key in; Auth takes it out only for a valid key) must not reach
+    mitmdump's flow dump either, which prints the URL."""
     status = CODES[code][0]
+    path = flow.request.path
+    if "?" in path:
+        path = flow.request.path = path.split("?", 1)[0]
     resp = http.Response.make(
         status,
-        error_body(flow.request.path, code, message),
+        error_body(path, code, message),
         {"content-type": "application/json", "x-keygate-error": code, **(headers or {})},
     )
     if flow.request.method == "HEAD":
