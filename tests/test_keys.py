@@ -411,3 +411,11 @@ def test_key_holds_only_the_digest():
     assert SECRET not in repr(values)
     assert all(v != SECRET and v != SECRET.encode() for v in values)
     assert key.digest == hashlib.sha256(SECRET.encode()).digest()
+
+
+def test_a_value_of_more_tokens_than_a_credential_holds_counts_as_holding_one():
+    """The client chooses how many tokens a credential-named header holds; each would cost
+    a hash. Past 64 the header is dropped without hashing them."""
+    ring = parse_keys(f"keys:\n  alice:\n    key_sha256: {SECRET_HEX}\n", "keys.yaml")
+    assert not ring.holds_key(b" ".join(b"token%04d" % i for i in range(64)))
+    assert ring.holds_key(b" ".join(b"token%04d" % i for i in range(65)))

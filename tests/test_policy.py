@@ -467,3 +467,11 @@ def test_keep_alive_a_client_made_huge_is_removed_at_once(value):
     t0 = time.perf_counter()
     assert keep_alive_allowed(value, 3600) is False
     assert time.perf_counter() - t0 < 0.01
+
+
+def test_a_model_name_longer_than_any_model_is_refused_before_any_other_check():
+    from keygate.model.settings import MAX_MODEL_NAME, model_name_problem
+    assert model_name_problem("a" * MAX_MODEL_NAME) is None
+    t0 = time.perf_counter()
+    assert "longer" in model_name_problem("a" * 30_000_000)
+    assert time.perf_counter() - t0 < 0.01

@@ -91,6 +91,7 @@ def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 # Where a key may sit in a header value: alone, after a scheme, as a cookie value.
 _TOKENS = re.compile(rb"[^\s,;=\"']{8,}")
 _CLEAN_MAX, _CLEAN_LEN = 1024, 256
+_MAX_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -112,10 +113,13 @@ class KeyRing:
         characters). Every request asks it for each of its headers, and the same few
         values come again and again (host, content type, user agent): short values
         found to hold none are remembered, up to _CLEAN_MAX of them. A value that holds
-        a key is never remembered, nor is anything of a reloaded ring kept."""
+        a key is never remembered, nor is anything of a reloaded ring kept. A value of more
+        than _MAX_TOKENS tokens counts as holding one (the caller drops it): the client
+        chooses how many there are, and each costs a hash."""
         if value in self._clean:
             return False
-        if any(self.lookup_raw(t) for t in _TOKENS.findall(value)):
+        tokens = _TOKENS.findall(value)
+        if len(tokens) > _MAX_TOKENS or any(self.lookup_raw(t) for t in tokens):
             return True
         if len(value) <= _CLEAN_LEN:
             if len(self._clean) >= _CLEAN_MAX:

@@ -34,7 +34,7 @@ class ConfigError(ValueError):
 def is_cloud_model(model: str) -> bool:
     """Names Ollama hands on to ollama.com instead of running locally. Ollama compares
     names without regard to case, so "x:CLOUD" is a cloud name too."""
-    m = model.strip().lower()
+    m = model.rstrip()[-6:].lower()  # (only the end matters: O(1) for any name)
     return m.endswith(":cloud") or m.endswith("-cloud")
 
 
@@ -43,10 +43,16 @@ def is_cloud_model(model: str) -> bool:
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
+MAX_MODEL_NAME = 1024  # characters; Ollama's own parts come to under 600 (350 + 3 x 80)
+
+
 def model_name_problem(model: str) -> str | None:
-    """Why a requested model name is refused (400), or None: surrounding white space
-    (Ollama would strip it, so the name would be another one to keygate than to Ollama)
-    and control characters."""
+    """Why a requested model name is refused (400), or None: a length no model has (every
+    check and cache after this one would work on it), surrounding white space (Ollama
+    would strip it, so the name would be another one to keygate than to Ollama) and
+    control characters."""
+    if len(model) > MAX_MODEL_NAME:
+        return f"is longer than {MAX_MODEL_NAME} characters"
     if model != model.strip():
         return "begins or ends with white space"
     if _CONTROL.search(model):
@@ -80,7 +86,8 @@ def match_any_nocase(patterns: tuple[str, ...], name: str) -> bool:
     """match_any() as Ollama resolves names: without regard to case. For the rules that
     keep a name out (a key's models, the cloud rule), where another spelling of the same
     model must not slip past a pattern."""
-    return match_any(tuple(p.lower() for p in patterns), name.lower())
+    # (match_any's own cache left out: this one already holds the answer)
+    return match_any.__wrapped__(tuple(p.lower() for p in patterns), name.lower())
 
 
 @dataclass(frozen=True)

@@ -100,9 +100,16 @@ OWN_PREFIX = b"x-keygate-"
 _CREDENTIAL_NAME = re.compile(rb"key|token|auth|secret|credential|passw|cookie|session")
 
 
-@functools.lru_cache(maxsize=1024)  # the same few header names come with every request
 def credential_name(name: bytes) -> bool:
-    return _CREDENTIAL_NAME.search(name.lower()) is not None
+    """Whether a header name (lower case) looks like a credential's. Names of usual length
+    are remembered (the same few come with every request); a long one, which only a client
+    making them up sends, is not kept."""
+    return _credential_name(name) if len(name) <= 64 else bool(_CREDENTIAL_NAME.search(name))
+
+
+@functools.lru_cache(maxsize=1024)
+def _credential_name(name: bytes) -> bool:
+    return _CREDENTIAL_NAME.search(name) is not None
 
 
 def take_credentials(headers: http.Headers, keys: KeyRing | None) -> tuple[str | None, bool]:
@@ -129,7 +136,7 @@ def take_credentials(headers: http.Headers, keys: KeyRing | None) -> tuple[str |
     if keys is not None:
         raw = secret.encode("utf-8", "surrogateescape") if secret else None
         kept = [f for f in kept if not ((raw and raw in f[1]) or (
-            credential_name(f[0]) and keys.holds_key(f[1])))]
+            credential_name(f[0].lower()) and keys.holds_key(f[1])))]
     if len(kept) != len(headers.fields):
         headers.fields = tuple(kept)
     return secret, bool(auth or xkey)
@@ -144,6 +151,9 @@ def without_key_in_query(path: str, secret: str, keys: KeyRing) -> str:
         return path
     kept = []
     for part in query.split("&"):
+        if len(part) < 8:  # a key is 8+ characters, and unquoting only shortens
+            kept.append(part)
+            continue
         plain = unquote_plus(part)
         if secret in part or secret in plain or keys.holds_key(
                 plain.encode("utf-8", "surrogateescape")):
