@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from mitmproxy import http
@@ -464,14 +463,13 @@ def test_keep_alive_a_client_made_huge_is_removed_at_once(value):
     """A key holder chooses keep_alive: a 400-digit number, 5,000 digits in a duration
     (int() refuses more than 4,300) or a duration of 200,000 parts must neither raise in
     the stage nor cost the event loop time; none of them is a keep_alive to let through."""
-    t0 = time.perf_counter()
     assert keep_alive_allowed(value, 3600) is False
-    assert time.perf_counter() - t0 < 0.01
+    if isinstance(value, str):  # read no further than its length
+        assert go_duration_ns(value) is None
 
 
 def test_a_model_name_longer_than_any_model_is_refused_before_any_other_check():
     from keygate.model.settings import MAX_MODEL_NAME, model_name_problem
     assert model_name_problem("a" * MAX_MODEL_NAME) is None
-    t0 = time.perf_counter()
     assert "longer" in model_name_problem("a" * 30_000_000)
-    assert time.perf_counter() - t0 < 0.01
+    assert "longer" in model_name_problem(" " + "a" * MAX_MODEL_NAME)  # the first answer

@@ -4,7 +4,6 @@ and the answers it sends where mitmproxy would send its own page."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from hypothesis import given
@@ -125,8 +124,7 @@ def test_blank_lines_before_a_request_count_against_the_limit():
     assert wire.head_problem(b"\r\n" + HEAD, 0, 1024) is None
 
 
-def test_a_head_of_many_tiny_lines_is_checked_in_one_search():
+def test_a_head_of_many_tiny_lines_is_checked_whole():
     head = b"GET / HTTP/1.1\r\n" + b"a:\r\n" * 16_000 + b"\r\n"
-    t0 = time.perf_counter()
     assert wire.head_problem(head, 0, 100_000) is None
-    assert time.perf_counter() - t0 < 0.02
+    assert wire.head_problem(head.replace(b"a:\r\n", b"a:\x01\r\n", 1), 0, 100_000)[0] == 400
