@@ -51,6 +51,8 @@ redact.install()  # no request bytes (keys) in mitmproxy's own log lines
 wire.install(  # head size, folded lines, keygate's answers where mitmproxy answers alone
     max_head=lambda: (config.state.settings.max_header_bytes if config.state
                       else wire.DEFAULT_MAX_HEAD),
+    max_body=lambda: (config.state.settings.max_body_bytes if config.state
+                      else wire.DEFAULT_MAX_BODY),
     new_request_id=new_request_id,
     report=usage.edge_refusal,  # their usage lines
 )

@@ -323,3 +323,28 @@ def test_a_head_of_many_short_tokens_costs_no_hashing(gw, fake):
     assert served_quickly(gw) < 1.0
     sender.join(20)
     assert holder and holder[0].status in (431, None)
+
+
+def test_bytes_sent_ahead_while_a_request_waits_are_bounded(fake, make_gateway):
+    """mitmproxy kept everything a client sent after a request while that request waited
+    for its upstream: 200 MB behind one keyed GET to a silent upstream was all buffered."""
+    gw = make_gateway(fake.url, keys=KEYS, gateway_toml="max_body_mb = 1\n").start()
+    before = rss_mb(gw.proc.pid)
+    fake.gate = threading.Event()  # the upstream answers nothing until released
+    try:
+        sock = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+        sock.sendall(http1("GET", "/api/version", auth(USER), framing="none", close=False))
+        sent, closed = 0, False
+        try:
+            while sent < 50 * 1024 * 1024:
+                sock.sendall(b"x" * 65536)
+                sent += 65536
+        except OSError:
+            closed = True
+        sock.close()
+        assert closed, "the connection stayed open"
+        assert rss_mb(gw.proc.pid) - before < 40
+        gw.wait_for(r"more bytes sent ahead than one request holds")
+    finally:
+        fake.gate.set()
+        fake.gate = None

@@ -2,7 +2,7 @@
 
 mitmproxy reads a request head into a buffer until it finds the blank line, parses it,
 and only then runs addon hooks. Four things happen in that stretch that keygate must
-decide itself, so this module wraps three methods of mitmproxy's HTTP/1 layers, once per
+decide itself, so this module wraps four methods of mitmproxy's HTTP/1 layers, once per
 process (like `redact`, outside the reloadable pipeline, so a broken reload of
 gateway.py cannot undo it):
 
@@ -24,6 +24,9 @@ gateway.py cannot undo it):
 - **Bodies of refused requests.** A request refused at headers time (no key, a wrong
   scope) has its body read before the answer goes out, so the connection stays usable.
   mitmproxy would buffer that body whole; here it is discarded as it arrives.
+- **Bytes sent ahead.** While a request waits for its answer, mitmproxy buffers whatever
+  the client sends next; past one head and one body (max_header_kb + max_body_mb) the
+  connection is closed.
 
 Every answer made here says `Connection: close` and the connection is closed after it.
 The wrapped methods are mitmproxy 11.0's (`install` checks the version it wraps).
@@ -49,6 +52,7 @@ from keygate.model.errors import CODES, error_body
 log = logging.getLogger("keygate")
 
 DEFAULT_MAX_HEAD = 64 * 1024
+DEFAULT_MAX_BODY = 32 * 1024 * 1024
 
 # Where the head ends: the blank line, as h11's buffer finds it (LF LF or LF CR LF).
 _HEAD_END = re.compile(rb"\n\r?\n")
@@ -79,6 +83,7 @@ class _Settings:
     """What the wrapped layers read: set by `install`, read on every head."""
 
     max_head: Callable[[], int] = staticmethod(lambda: DEFAULT_MAX_HEAD)
+    max_body: Callable[[], int] = staticmethod(lambda: DEFAULT_MAX_BODY)
     new_request_id: Callable[[], str] | None = None
     # Told of every head refused here, which no flow (and so no addon) ever sees:
     # (request id, status, code, method, path, client address), for the usage log.
@@ -202,6 +207,24 @@ def _wrap_read_headers(original):
     return read_headers
 
 
+def _wrap_wait(original):
+    @functools.wraps(original)
+    def wait(self, event):
+        # While a request waits for its answer, mitmproxy keeps what the client sends next
+        # (a pipelined request) in its buffer. A next request is at most a head and a body:
+        # past that the connection is closed, or a client could fill memory meanwhile.
+        if (isinstance(event, events.DataReceived)
+                and len(self.buf) > settings.max_head() + settings.max_body()):
+            yield commands.Log("more bytes sent ahead than one request holds, while the "
+                               "last is answered: connection closed", logging.WARNING)
+            self.buf = type(self.buf)()
+            yield commands.CloseConnection(self.conn)
+            return
+        yield from original(self, event)
+
+    return wait
+
+
 def _wrap_send(original):
     @functools.wraps(original)
     def send(self, event):
@@ -241,6 +264,7 @@ _installed = False
 
 
 def install(max_head: Callable[[], int] | None = None,
+            max_body: Callable[[], int] | None = None,
             new_request_id: Callable[[], str] | None = None,
             report: Callable[[str, int, str, str, str, str], None] | None = None) -> None:
     """Wrap mitmproxy's HTTP/1 layers (once per process); a later call only updates the
@@ -248,6 +272,8 @@ def install(max_head: Callable[[], int] | None = None,
     global _installed
     if max_head is not None:
         settings.max_head = max_head
+    if max_body is not None:
+        settings.max_body = max_body
     if new_request_id is not None:
         settings.new_request_id = new_request_id
     if report is not None:
@@ -260,6 +286,7 @@ def install(max_head: Callable[[], int] | None = None,
     server = _http1.Http1Server
     server.read_headers = _wrap_read_headers(server.read_headers)
     server.send = _wrap_send(server.send)
+    server.wait = _wrap_wait(server.wait)
     stream = http_layers.HttpStream
     stream.state_consume_request_body = _wrap_consume_body(stream.state_consume_request_body)
     _http1.make_error_response = _replacement_error_response
