@@ -633,3 +633,10 @@ def test_the_overshoot_bound_against_a_model(steps, quota, tpd):
     over = ledger.total["k"] - quota
     assert over <= actual[L.id] - 1 + sum(actual[f.id] - e[f.id] for f in F if f is not L)
     assert len(F) <= math.ceil((quota - used) / min(e.values()))
+
+
+def test_a_rolling_window_keeps_only_its_last_minute():
+    w = RollingWindow()
+    for t in range(10_000):
+        w.add(float(t))
+    assert len(w.events) <= WINDOW + 1 and w.total == len(w.events)

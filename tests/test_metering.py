@@ -723,3 +723,17 @@ def test_an_error_frame_is_not_content():
     md = state_of(f)
     assert md.error == "upstream_error"
     assert md.completion_tokens == 1 and md.tokens_estimated is True
+
+
+@pytest.mark.parametrize("alias", [None, ("up", "client")])
+def test_a_frame_longer_than_max_frame_is_passed_through_unread(alias):
+    """An upstream line without an end must not be held and rescanned without limit."""
+    from keygate.stages.metering import MAX_FRAME, StreamMeter, TokenCounts
+    meter = StreamMeter("ollama", False, TokenCounts(), alias=alias)
+    chunk = b"x" * 65536
+    out = b""
+    for _ in range(MAX_FRAME // len(chunk) + 3):
+        got = meter(chunk)
+        out += got if isinstance(got, bytes) else b"".join(got)
+    assert meter.broken and meter.pending == b""
+    assert out == chunk * (MAX_FRAME // len(chunk) + 3)  # every byte went on, in order

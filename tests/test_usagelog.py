@@ -722,3 +722,8 @@ def test_other_unicode_is_written_as_it_is():
     record = {"model": "qwen\u00e9\u4e2d\u6587"}
     assert encode(record) == json.dumps(record, ensure_ascii=False,
                                         separators=(",", ":")).encode() + b"\n"
+
+
+def test_del_is_escaped_though_it_is_ascii():
+    line = encode({"model": "llama\x7f3"})
+    assert b"\x7f" not in line and json.loads(line) == {"model": "llama\x7f3"}

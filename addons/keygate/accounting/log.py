@@ -108,7 +108,7 @@ def encode(record: dict) -> bytes:
     except TypeError:  # (orjson.JSONEncodeError is one)
         text = json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str)
         line = text.encode("utf-8", "backslashreplace") + b"\n"
-    if line.isascii():
+    if line.isascii() and b"\x7f" not in line:  # (DEL is ASCII, and unsafe)
         return line
     text = line.decode("utf-8", "surrogateescape")
     if _UNSAFE.search(text) is None:

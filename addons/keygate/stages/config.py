@@ -183,7 +183,8 @@ class Config:
             await asyncio.sleep(POLL_INTERVAL)
             if self.state is None:
                 continue
-            now = self._fingerprints(self.state)
+            # stat() of a file on a mount that went away can hang: off the event loop.
+            now = await asyncio.to_thread(self._fingerprints, self.state)
             if now == self._watched:
                 failed, retry, said = None, False, None
                 continue

@@ -74,6 +74,9 @@ class RollingWindow:
             self.total -= self.events.popleft()[1]
 
     def add(self, now: float, amount: int = 1) -> None:
+        # (Expired here too: a window kept after its limit was taken out of keys.yaml is
+        # no longer checked, and would grow with every request of the key.)
+        self.expire(now)
         if amount:
             self.events.append((now, amount))
             self.total += amount

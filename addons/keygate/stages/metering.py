@@ -36,6 +36,7 @@ from keygate.stages.headerfields import decoded_body, get_field
 
 log = logging.getLogger("keygate")
 
+MAX_FRAME = 1024 * 1024  # bytes of one unfinished line or event held to read it
 STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 _SSE_SEP = re.compile(rb"\r?\n\r?\n")
 # A native line worth parsing when nothing is being edited: the final chunk with the
@@ -162,6 +163,14 @@ class StreamMeter:
         if self.broken:
             return data
         held = self.pending
+        if len(held) > MAX_FRAME:
+            # A frame this long is not a token chunk: holding it would grow without end,
+            # and every chunk would scan it again. It is passed on as it is, unread.
+            log.warning("keygate: a streamed response's frame passed %d bytes; passing the "
+                        "rest through unread", MAX_FRAME)
+            self.broken = True
+            self.pending = b""
+            return held + data if self.edits else data
         try:
             return self._feed(data)
         except Exception:
