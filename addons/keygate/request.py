@@ -55,6 +55,9 @@ class RequestState:
     takes it out of the stream again."""
     counted: bool = False
     """The Limiter counted it against the key's limits (and must release it at the end)."""
+    failed_channels: list[str] | None = None
+    """Channels tried before the one that serves, which failed before anything was sent
+    (Router, on failover), in order; None for none."""
     reserved: int = 0
     """Tokens the Limiter reserved for it against the key's token quotas."""
     ratelimit: dict[str, str] | None = None
@@ -72,6 +75,10 @@ class RequestState:
     tokens_estimated: bool = False
     """The stream ended before the upstream's counts: completion_tokens is keygate's
     count of the content it passed on."""
+
+    cost: Any = None
+    """The request's price (a Decimal) at the prices in force, or None where none applies
+    (set when its tokens are known, before the usage line)."""
 
     # -- how it ended (every stage, the Recorder) ----------------------------------------
     error: str | None = None

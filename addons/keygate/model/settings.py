@@ -13,6 +13,7 @@ import functools
 import ipaddress
 import os
 import re
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,7 +149,18 @@ class Settings:
     client_body_timeout: float = 120.0
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     cors_origins: frozenset[str] = frozenset()
+    instance: str = ""
+    """This process's name in usage lines ([gateway] instance); see `instance_name`."""
     channels: tuple[Channel, ...] = ()
+
+
+def instance_name(configured: str, environ: Mapping[str, str] = os.environ) -> str:
+    """The `instance` of usage lines (docs/usage-log.md): [gateway] instance when set, else
+    the host's name; with `keygate serve --workers N`, each worker's number is added
+    ("gpu1/2"), from KEYGATE_WORKER that serve gives each process."""
+    name = configured or socket.gethostname()
+    worker = environ.get("KEYGATE_WORKER", "")
+    return f"{name}/{worker}" if worker else name
 
 
 def default_settings(path: Path = DEFAULT_CONFIG) -> Settings:
@@ -196,7 +208,7 @@ def parse_settings(text: str, path: Path, environ: Mapping[str, str] = os.enviro
         "keys_file", "usage_log", "usage_log_max_mb", "usage_log_keep", "max_body_mb",
         "max_header_kb", "max_keep_alive_s",
         "upstream_timeout_s", "client_header_timeout_s", "client_body_timeout_s",
-        "trusted_proxies", "cors_origins",
+        "trusted_proxies", "cors_origins", "instance",
     }
     for k in gw:
         if k not in known:
@@ -245,6 +257,10 @@ def parse_settings(text: str, path: Path, environ: Mapping[str, str] = os.enviro
         origins.append(origin.lower())
 
     max_mb = number("usage_log_max_mb", 100, 0.001)
+    instance = gw.get("instance", "")
+    if not isinstance(instance, str) or not re.fullmatch(r"[A-Za-z0-9._:/-]{0,64}", instance):
+        raise where.error("instance must be up to 64 letters, digits or . _ : / -, "
+                          f"not {instance!r}", "instance")
     channels = _parse_channels(doc.get("channels", []), where, environ)
 
     return Settings(
@@ -262,6 +278,7 @@ def parse_settings(text: str, path: Path, environ: Mapping[str, str] = os.enviro
         client_body_timeout=float(number("client_body_timeout_s", 120, 0.001)),
         trusted_proxies=tuple(proxies),
         cors_origins=frozenset(origins),
+        instance=instance,
         channels=channels,
     )
 

@@ -29,6 +29,7 @@ from keygate.accounting.ledger import Ledger
 from keygate.accounting.log import UsageWriter
 from keygate.model import endpoints
 from keygate.model.errors import refuse
+from keygate.model.settings import instance_name
 from keygate.request import state_of
 from keygate.stages.config import Config
 from keygate.stages.headerfields import set_fields
@@ -128,7 +129,7 @@ def bounded(value: object, limit: int) -> object:
     return f"{value[:limit]}...[{len(value) - limit} chars cut]"
 
 
-def build_record(flow: http.HTTPFlow, now: float) -> dict:
+def build_record(flow: http.HTTPFlow, now: float, instance: str = "") -> dict:
     """The usage-log record (docs/usage-log.md) for a finished flow; reads only its RequestState
     and the flow."""
     st = state_of(flow)
@@ -179,6 +180,9 @@ def build_record(flow: http.HTTPFlow, now: float) -> dict:
         # True when the client left (or the upstream broke off) before the upstream's counts
         # came, and completion_tokens is keygate's count of the content it passed on.
         "tokens_estimated": bool(st.tokens_estimated),
+        "instance": instance,
+        "failed_channels": list(st.failed_channels or ()),
+        "cost": st.cost,
     }
 
 
@@ -201,6 +205,15 @@ class Recorder:
         self._log_settings: tuple | None = None
         self._inflight: dict[str, http.HTTPFlow] = {}
         self.draining = False
+        self._instance: tuple[str, str] | None = None  # ([gateway] instance, its name)
+
+    @property
+    def instance(self) -> str:
+        """This process's name in usage lines (docs/usage-log.md)."""
+        configured = self.config.state.settings.instance if self.config.state else ""
+        if self._instance is None or self._instance[0] != configured:
+            self._instance = (configured, instance_name(configured))
+        return self._instance[1]
 
     def running(self) -> None:
         s = self.config.state.settings
@@ -321,7 +334,7 @@ class Recorder:
             return
         state_of(flow).logged = True
         request_id(flow)
-        self._record(build_record(flow, time.time()))
+        self._record(build_record(flow, time.time(), self.instance))
 
     def edge_refusal(self, rid: str, status: int, code: str, method: str, path: str,
                      client_ip: str) -> None:
@@ -336,6 +349,7 @@ class Recorder:
             "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
             "duration_ms": 0.0, "client_ip": bounded(client_ip, MAX_CLIENT_IP),
             "completed": True, "tokens_estimated": False,
+            "instance": self.instance, "failed_channels": [], "cost": None,
         })
 
     def _record(self, record: dict) -> None:
