@@ -182,12 +182,14 @@ def post_chat(gw, timeout=30, body=None):
 
 # -- 2. failing upstreams -------------------------------------------------------------------
 
-# keygate answers all of these in its shape; `by_flow`: with the request id (keygate's own
-# 502), else from its HTTP/1 edge where mitmproxy ended the request (keygate/edge/http1.py).
+# keygate answers all of these in its shape, with the request id; `by_flow`: through the
+# flow's hooks (keygate/edge/upstream.py, or the Meter for bad JSON), the connection kept;
+# else from its HTTP/1 edge where mitmproxy ended the request (keygate/edge/http1.py),
+# which closes the connection.
 @pytest.mark.parametrize("mode,status,by_flow", [
     ("bad-json", 502, True),  # a success that is garbage
-    ("garbage", 502, False),  # no HTTP at all
-    ("short-body", 502, False),  # closed before its Content-Length was sent
+    ("garbage", 502, True),  # no HTTP at all
+    ("short-body", 502, True),  # closed before its Content-Length was sent
     ("te-and-cl", 502, False),  # a smuggling-shaped answer: mitmproxy refuses it
     ("huge", 502, False),  # 50 MB, over body_size_limit (max_body_mb + 1 MiB = 33 MiB)
     ("huge-chunked", 502, False),  # the same without a length: cut off once over the limit
@@ -205,10 +207,11 @@ def test_upstream_answers_garbage_or_too_much(sgw, scripted, mode, status, by_fl
     assert r.status_code == status
     assert r.headers.get("x-keygate-error") == "upstream_error"
     assert r.json()["error"] and "server" not in r.headers
-    assert ("x-keygate-request-id" in r.headers) is by_flow
+    assert (r.headers.get("connection") == "close") is not by_flow
     rec = t.health(KEY.secret)
     lines = [x for x in t.since_mark() if x["id"] != rec["id"]]
     assert len(lines) == 1, lines
+    assert lines[0]["id"] == r.headers["x-keygate-request-id"]
     assert (lines[0]["status"], lines[0]["error"]) == (502, "upstream_error"), lines[0]
     assert lines[0]["key"] == "worker" and lines[0]["completed"] is (mode == "bad-json")
     if mode.startswith("huge"):
@@ -245,16 +248,20 @@ def fgw(fake, tmp_path_factory):
 
 
 def test_refused_connection(fake, make_gateway):
-    """Nothing listens upstream: mitmproxy answers 502 (its own page); the line says
-    upstream_error; keygate still answers what it answers itself, and stays up."""
+    """Nothing listens upstream: keygate answers 502 upstream_error in its shape, with the
+    request id; it still answers what it answers itself, and stays up."""
     dead = FakeOllama().start()
     url = dead.url
     dead.stop()
     gw = make_gateway(url, keys=KEYS).start()
     t = Tracker(gw)
+    ids = []
     for _ in range(20):
         r = post_chat(gw)
-        assert r.status_code == 502 and "x-keygate-request-id" not in r.headers
+        assert r.status_code == 502 and r.json() == {
+            "error": "The upstream could not be reached or broke off."}
+        assert "server" not in r.headers and r.headers["x-keygate-error"] == "upstream_error"
+        ids.append(r.headers["x-keygate-request-id"])
     r = httpx.post(gw.url + "/api/pull", headers=AUTH, json={"model": "x"}, timeout=5)
     assert r.status_code == 403  # refused without any upstream connection (lazy)
     assert httpx.get(gw.url + "/", timeout=5).status_code == 200
@@ -263,6 +270,7 @@ def test_refused_connection(fake, make_gateway):
     assert len(lines) == 22
     assert [(x["status"], x["error"], x["completed"]) for x in lines[:20]] == [
         (502, "upstream_error", False)] * 20
+    assert [x["id"] for x in lines[:20]] == ids
     assert gw.proc.poll() is None
 
 
@@ -279,11 +287,11 @@ def test_reset_before_answering(fgw, fake, path, body):
         r = httpx.post(fgw.url + path, headers=AUTH, json=body, timeout=10)
     finally:
         fake.fail = None
-    assert r.status_code == 502 and "x-keygate-request-id" not in r.headers
+    assert r.status_code == 502 and r.headers["x-keygate-error"] == "upstream_error"
     rec = t.health(KEY.secret)
     lines = [x for x in t.since_mark() if x["id"] != rec["id"]]
-    assert [(x["status"], x["error"], x["completed"]) for x in lines] == [
-        (502, "upstream_error", False)]
+    assert [(x["status"], x["error"], x["completed"], x["id"]) for x in lines] == [
+        (502, "upstream_error", False, r.headers["x-keygate-request-id"])]
 
 
 def test_upstream_500_passes_through(fgw, fake):
@@ -371,10 +379,12 @@ def test_stall_past_upstream_timeout(fake, make_gateway):
         took = time.monotonic() - t0
     finally:
         fake.fail = None
-    assert r.status_code == 502 and 0.9 < took < 5
+    assert r.status_code == 504 and 0.9 < took < 5
+    assert r.json() == {"error": "The upstream did not answer in time."}
+    assert r.headers["x-keygate-error"] == "upstream_timeout"
     rec = t.health(KEY.secret)
     lines = [x for x in t.since_mark() if x["id"] != rec["id"]]
-    assert [(x["status"], x["error"]) for x in lines] == [(502, "upstream_timeout")]
+    assert [(x["status"], x["error"]) for x in lines] == [(504, "upstream_timeout")]
 
 
 def test_client_request_body_never_finished(fgw, fake):

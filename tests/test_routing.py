@@ -478,3 +478,225 @@ def test_one_sweep_gives_up_on_late_flows_only_and_stops_when_none_wait():
         assert router._sweeping is None  # nothing waits: no timer keeps running
 
     asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- failover
+
+FAILOVER = (
+    '[[channels]]\nname = "remote"\nkind = "openai"\nbase_url = "https://api.example/v1"\n'
+    'priority = 2\napi_key_env = "REMOTE_KEY"\n'
+    '[channels.model_map]\n"gpt-4o-mini" = "remote-mini"\n'
+    '[[channels]]\nname = "gpu"\nbase_url = "http://10.0.0.5:11434"\npriority = 1\n'
+    'stream_usage = false\n'
+    '[channels.model_map]\n"gpt-4o-mini" = "qwen2.5:7b"\n'
+    '[[channels]]\nname = "cpu"\nbase_url = "http://10.0.0.6:11434"\npriority = 1\n'
+    '[[channels]]\nname = "higher"\nbase_url = "http://10.0.0.7:11434"\npriority = 9\n'
+    'models = ["other"]\n'
+)
+FAILOVER_ENV = {"REMOTE_KEY": "sk-upstream-remote"}
+
+
+def failover_route(path="/v1/chat/completions", body=None, rng=3):
+    config = make_config(FAILOVER, environ=FAILOVER_ENV)
+    router = Router(config, rng=random.Random(rng))
+    body = body or {"model": "gpt-4o-mini", "messages": [], "stream": True}
+    f = make_flow("POST", path + "?q=1", key="alice", body=body)
+    with taddons.context():
+        run_request(f, Auth(config), Policy(config), router)
+    return router, f
+
+
+def test_failover_rewrites_the_request_for_the_next_channel():
+    router, f = failover_route()
+    st = state_of(f)
+    assert st.channel == "remote" and f.request.path == "/v1/chat/completions?q=1"
+    assert f.request.headers["authorization"] == "Bearer sk-upstream-remote"
+    assert request_json(f)["model"] == "remote-mini"
+    assert request_json(f)["stream_options"] == {"include_usage": True} and st.strip_usage
+
+    assert router.failover(f, "connection refused", sent=False) is True
+    assert router.health.cooling("remote")
+    assert st.failed_channels == ["remote"] and st.channel in ("gpu", "cpu")
+    assert (f.request.host, f.request.port, f.request.scheme) == (
+        {"gpu": "10.0.0.5", "cpu": "10.0.0.6"}[st.channel], 11434, "http")
+    assert f.request.path == "/v1/chat/completions?q=1"
+    assert "authorization" not in f.request.headers and not st.credential
+    first = st.channel
+    body = request_json(f)
+    if first == "gpu":  # its model_map, and it asks for no stream usage
+        assert body["model"] == "qwen2.5:7b" and "stream_options" not in body
+        assert not st.strip_usage and st.upstream_model == "qwen2.5:7b"
+    else:
+        assert body["model"] == "gpt-4o-mini" and st.strip_usage
+    assert body["messages"] == [] and body["stream"] is True
+
+    # The other channel of the same priority; never "higher", which does not serve it.
+    assert router.failover(f, "reset", sent=True) is True
+    assert st.failed_channels == ["remote", first]
+    assert st.channel == ({"gpu", "cpu"} - {first}).pop()
+    assert router.failover(f, "reset", sent=True) is False  # none left
+    assert st.failed_channels == ["remote", first]  # the line's channel: the last one tried
+    assert all(router.health.cooling(n) for n in ("remote", "gpu", "cpu"))
+
+
+def test_failover_keeps_the_client_stream_options():
+    router, f = failover_route(body={"model": "gpt-4o-mini", "messages": [], "stream": True,
+                                     "stream_options": {"include_usage": False, "x": 1}})
+    assert request_json(f)["stream_options"] == {"include_usage": True, "x": 1}
+    while state_of(f).channel != "gpu":
+        assert router.failover(f, "refused", sent=False)
+    # What keygate added is gone (include_usage false or absent: the same to a server).
+    assert request_json(f)["stream_options"] == {"x": 1} and not state_of(f).strip_usage
+    router, f = failover_route()  # the client sent none
+    while state_of(f).channel != "gpu":
+        assert router.failover(f, "refused", sent=False)
+    assert "stream_options" not in request_json(f)
+
+
+def test_failover_to_lower_priority_only():
+    # "other" is served by every channel; "higher" is cooling, so "remote" serves first.
+    config = make_config(FAILOVER, environ=FAILOVER_ENV)
+    router = Router(config, rng=random.Random(1))
+    router.health.failure("higher")
+    f = make_flow("POST", "/v1/chat/completions", key="alice",
+                  body={"model": "other", "messages": []})
+    with taddons.context():
+        run_request(f, Auth(config), Policy(config), router)
+    assert state_of(f).channel == "remote"
+    assert router.failover(f, "refused", sent=False) is True
+    assert router.failover(f, "refused", sent=False) is True
+    assert {state_of(f).channel, *state_of(f).failed_channels} == {"remote", "gpu", "cpu"}
+    # Never back up to a higher priority, cooling or not.
+    assert router.failover(f, "refused", sent=False) is False
+    # One candidate: no failover.
+    f = make_flow("POST", "/api/chat", key="alice", body={"model": "llama3.2"})
+    config = make_config('[[channels]]\nname = "only"\nbase_url = "http://10.0.0.5:1"\n')
+    router = Router(config)
+    with taddons.context():
+        run_request(f, Auth(config), Policy(config), router)
+    assert state_of(f).channel == "only"
+    assert router.failover(f, "refused", sent=False) is False
+    assert router.health.cooling("only")
+
+
+def test_failover_after_sending_only_what_changes_nothing():
+    config = make_config(PAIR)
+    router = Router(config, rng=random.Random(1))
+    admin = make_flow("DELETE", "/api/delete", key="admin", body={"model": "m"})
+    with taddons.context():
+        run_request(admin, Auth(config), Policy(config), router)
+    assert state_of(admin).admitted and state_of(admin).channel in ("a", "b")
+    assert router.failover(admin, "reset", sent=True) is False  # it may have been deleted
+    assert router.failover(admin, "refused", sent=False) is True  # it never arrived
+
+
+def test_no_failover_without_channels_or_for_streamed_uploads():
+    router, f = Router(make_config(), rng=random.Random(1)), None
+    f = route("POST", "/api/chat", {"model": "m"}, router=router)
+    assert state_of(f).admitted and state_of(f).channel is None
+    assert router.failover(f, "refused", sent=False) is False
+    digest = "sha256:" + "cd" * 32
+    config = make_config(PAIR)
+    router = Router(config)
+    up = make_flow("POST", f"/api/blobs/{digest}", key="admin",
+                   headers={"content-length": "100"})
+    with taddons.context():
+        for addon in (Auth(config), Policy(config), router):
+            addon.requestheaders(up)
+    assert up.request.stream and state_of(up).admitted
+    # Its body went by as it came: it cannot go twice, not even when it never arrived.
+    assert router.failover(up, "refused", sent=False) is False
+
+
+def test_failover_from_a_body_sent_as_is():
+    # The client's body went to the first channel untouched (no edit needed there): the
+    # next channel still gets its own model name.
+    config = make_config(
+        '[[channels]]\nname = "a"\nbase_url = "http://a:1"\npriority = 1\n'
+        '[[channels]]\nname = "b"\nbase_url = "http://b:1"\n'
+        '[channels.model_map]\n"m" = "b-model"\n')
+    router = Router(config, rng=random.Random(1))
+    f = make_flow("POST", "/api/show", key="alice", body=b'  {"name": "m"}')
+    with taddons.context():
+        run_request(f, Auth(config), Policy(config), router)
+    assert state_of(f).channel == "a" and f.request.content == b'  {"name": "m"}'
+    assert router.failover(f, "reset", sent=True) is True
+    assert request_json(f) == {"name": "b-model"} and state_of(f).upstream_model == "b-model"
+
+
+def test_keygate_own_answer_leaves_the_channel_health_alone():
+    router, f = failover_route()
+    state_of(f).error = "rate_limit_exceeded"  # e.g. refused by the Limiter after routing
+    f.response = http.Response.make(429)
+    router.responseheaders(f)
+    assert "remote" not in router.health.backoff and "remote" not in router.health.until
+
+
+def test_connect_deadline_then_headers_deadline():
+    from keygate.stages import routing
+
+    config = make_config("[gateway]\nupstream_timeout_s = 0.6\n")
+    router = Router(config, rng=random.Random(1))
+    expired: list[tuple[str, float, bool]] = []
+    router._expire = lambda flow, timeout, connecting=False: expired.append(
+        (flow.id, timeout, connecting))
+    old = routing.CONNECT_TIMEOUT
+    routing.CONNECT_TIMEOUT = 0.2
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        never = make_flow("POST", "/api/chat", key="alice", body={"model": "m"})
+        slow = make_flow("POST", "/api/chat", key="alice", body={"model": "m"})
+        never.server_conn.state = slow.server_conn.state = 0  # not connected
+        t0 = loop.time()
+        with taddons.context():
+            for f in (never, slow):
+                run_request(f, Auth(config), Policy(config), router)
+        slow.server_conn.timestamp_start = 1.0
+        from mitmproxy.connection import ConnectionState
+        slow.server_conn.state = ConnectionState.OPEN  # connected in time
+        while len(expired) < 2 and loop.time() - t0 < 3:
+            await asyncio.sleep(0.02)
+        return loop.time() - t0
+
+    try:
+        took = asyncio.run(main())
+    finally:
+        routing.CONNECT_TIMEOUT = old
+    ids = [e[0] for e in expired]
+    assert len(ids) == 2 and ids[0] != ids[1]
+    assert expired[0][1:] == (0.2, True)  # never connected: given up at the connect limit
+    assert expired[1][1:] == (0.6, False)  # connected: given up when no headers came
+    assert 0.6 <= took < 1.2, took
+
+
+def test_a_busy_answer_marks_the_request_for_another_channel():
+    router, f = failover_route(body={"model": "gpt-4o-mini", "messages": []})
+    f.response = http.Response.make(429, b'{"error": "busy"}')
+    router.responseheaders(f)
+    st = state_of(f)
+    assert st.resend is True
+    assert "remote" not in router.health.until  # failover counts it, if it happens
+    # Once only: a request that already went elsewhere passes the next busy answer on.
+    assert router.failover(f, "answered 429", sent=True) is True
+    st.resend = False
+    f.response = http.Response.make(503, b"{}")
+    router.responseheaders(f)
+    assert st.resend is False and router.health.cooling(st.channel)
+
+
+@pytest.mark.parametrize("toml,method,path,body", [
+    ('[[channels]]\nname = "only"\nbase_url = "http://a:1"\n', "POST", "/api/chat",
+     {"model": "m"}),  # nowhere else to go
+    (PAIR, "DELETE", "/api/delete", {"model": "m"}),  # model management
+])
+def test_a_busy_answer_passes_when_it_cannot_go_elsewhere(toml, method, path, body):
+    config = make_config(toml)
+    router = Router(config, rng=random.Random(1))
+    f = make_flow(method, path, key="admin", body=body)
+    with taddons.context():
+        run_request(f, Auth(config), Policy(config), router)
+    assert state_of(f).admitted
+    f.response = http.Response.make(429, b"{}")
+    router.responseheaders(f)
+    assert state_of(f).resend is False

@@ -128,3 +128,72 @@ def test_a_head_of_many_tiny_lines_is_checked_whole():
     head = b"GET / HTTP/1.1\r\n" + b"a:\r\n" * 16_000 + b"\r\n"
     assert wire.head_problem(head, 0, 100_000) is None
     assert wire.head_problem(head.replace(b"a:\r\n", b"a:\x01\r\n", 1), 0, 100_000)[0] == 400
+
+
+# -- the upstream edge (keygate/edge/upstream.py) and the request id on edge answers --------
+
+def test_error_parts_is_what_error_response_sends():
+    status, code, body = wire.error_parts(504, "/v1/messages?x=1")
+    assert (status, code) == (504, "upstream_timeout")
+    assert json.loads(body) == {"type": "error", "error": {
+        "type": "api_error", "message": "The upstream did not answer in time."}}
+    raw = wire.error_response(504, "/v1/messages", request_id="req_1")
+    assert raw.endswith(body) and b"x-keygate-request-id: req_1\r\n" in raw
+
+
+def test_request_id_of_a_flow():
+    from mitmproxy.test import tflow
+
+    from keygate.request import state_of
+
+    f = tflow.tflow()
+    assert wire.request_id_of(f) is None and wire.request_id_of(None) is None
+    state_of(f).id = "req_abc"
+    assert wire.request_id_of(f) == "req_abc"
+
+
+def _stream(**kw):
+    """A stand-in for mitmproxy's HttpStream with what `answerable` reads."""
+    from types import SimpleNamespace
+
+    from mitmproxy.connection import ConnectionState
+    from mitmproxy.test import tflow
+
+    from keygate.request import state_of
+
+    f = tflow.tflow()
+    f.live = True
+    state_of(f).admitted = True
+    s = SimpleNamespace(flow=f, state_done="done", state_wait_for_response_headers="wait",
+                        state_consume_response_body="consume", client_state="done",
+                        server_state="wait",
+                        context=SimpleNamespace(client=SimpleNamespace(
+                            state=ConnectionState.OPEN)))
+    for k, v in kw.items():
+        setattr(s, k, v)
+    return s
+
+
+def test_answerable_only_while_nothing_went_to_the_client():
+    from mitmproxy.connection import ConnectionState
+    from mitmproxy.flow import Error
+
+    from keygate.edge.upstream import answerable
+    from keygate.request import state_of
+
+    assert answerable(_stream())
+    assert answerable(_stream(server_state="consume"))  # an answer's body, not sent yet
+    assert not answerable(_stream(server_state="stream"))  # a stream's head went out
+    assert not answerable(_stream(client_state="stream"))  # still uploading (a blob)
+    s = _stream()
+    s.flow.request.stream = True
+    assert not answerable(s)
+    s = _stream()
+    s.flow.error = Error("client disconnected")
+    assert not answerable(s)
+    s = _stream()
+    s.context.client.state = ConnectionState.CAN_READ  # the client can no longer be written to
+    assert not answerable(s)
+    s = _stream()
+    state_of(s.flow).admitted = False  # never keygate's to send on
+    assert not answerable(s)

@@ -56,8 +56,11 @@ class RequestState:
     counted: bool = False
     """The Limiter counted it against the key's limits (and must release it at the end)."""
     failed_channels: list[str] | None = None
-    """Channels tried before the one that serves, which failed before anything was sent
-    (Router, on failover), in order; None for none."""
+    """Channels tried before the one that serves, which failed before any of the answer
+    went to the client (Router, on failover), in order; None for none."""
+    resend: bool = False
+    """The channel answered 429 or 503 before any of the answer went out: it goes once to
+    another channel that serves it (Router; keygate/edge/upstream.py sends it)."""
     reserved: int = 0
     """Tokens the Limiter reserved for it against the key's token quotas."""
     ratelimit: dict[str, str] | None = None
@@ -70,6 +73,9 @@ class RequestState:
     completion_tokens: int = 0
     total_tokens: int | None = None
     """Token counts the upstream reported (total_tokens: where it states one)."""
+    cached_tokens: int = 0
+    """Prompt tokens the upstream served from its cache, where it reports them (priced at
+    a price's cached_input)."""
     finished: bool = False
     """The upstream's own end marker of a stream was seen."""
     tokens_estimated: bool = False
@@ -89,6 +95,9 @@ class RequestState:
     """Its headers passed every stage: the Recorder, the last, sets it (fail-closed)."""
     malformed: bool = False
     """mitmproxy refused the request as malformed before any stage could act."""
+    upstream_failed: bool = False
+    """Its upstream failed before answering and no other channel took it: keygate answered
+    502 or 504 itself (keygate/edge/upstream.py)."""
     logged: bool = False
     """Its usage line is written: never a second one."""
     stamped: int | None = None

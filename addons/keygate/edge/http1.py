@@ -17,10 +17,12 @@ gateway.py cannot undo it):
   never checked. A head with a folded line, or with a control character in a header line
   (a bare CR, NUL, ...), gets `400 invalid_request` and the connection is closed.
 - **mitmproxy's own error page.** Where mitmproxy answers by itself (a head it cannot
-  parse, a body over `body_size_limit`, an upstream it cannot reach), it sends an HTML
-  page with `Server: mitmproxy <version>` that can echo the offending header line, key
-  included, or name an internal address. keygate sends its JSON error instead, with
-  `x-keygate-error`, `x-keygate-request-id` and a message of its own.
+  parse, a body over `body_size_limit`, an upstream answer it refuses, an upstream failure
+  keygate/edge/upstream.py cannot answer), it sends an HTML page with `Server: mitmproxy
+  <version>` that can echo the offending header line, key included, or name an internal
+  address. keygate sends its JSON error instead, with `x-keygate-error`, the flow's
+  `x-keygate-request-id` where there is a flow, and a message of its own (on HTTP/2:
+  keygate/edge/http2.py).
 - **Bodies of refused requests.** A request refused at headers time (no key, a wrong
   scope) has its body read before the answer goes out, so the connection stays usable.
   mitmproxy would buffer that body whole; here it is discarded as it arrives.
@@ -48,6 +50,7 @@ from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._events import RequestData, ResponseProtocolError
 
 from keygate.model.errors import CODES, error_body
+from keygate.request import ATTRIBUTE
 
 log = logging.getLogger("keygate")
 
@@ -145,12 +148,18 @@ def code_of(status: int) -> tuple[int, str]:
     return status, code
 
 
+def error_parts(status: int, path: str = "", message: str | None = None) -> tuple[int, str, bytes]:
+    """keygate's (status, code, body) in place of an answer of mitmproxy's with `status`
+    to a request for `path` (its shape, docs/errors.md)."""
+    status, code = code_of(status)
+    return status, code, error_body(path or "/", code, message or _MESSAGES[status])
+
+
 def error_response(status: int, path: str = "", message: str | None = None,
                    request_id: str | None = None, method: str = "") -> bytes:
     """A whole HTTP/1.1 answer in keygate's shape (docs/errors.md) that closes the connection.
     To a HEAD request: the same head, no body (its length still says what it would be)."""
-    status, code = code_of(status)
-    body = error_body(path or "/", code, message or _MESSAGES[status])
+    status, code, body = error_parts(status, path, message)
     reason = _REASONS.get(status) or status_codes.RESPONSES.get(status, "Error")
     headers = [
         f"HTTP/1.1 {status} {reason}",
@@ -231,17 +240,33 @@ def _wrap_send(original):
         if (isinstance(event, ResponseProtocolError) and not self.response
                 and event.code != status_codes.NO_RESPONSE):
             # mitmproxy's own answer to a request it could not complete: keygate's instead.
-            # (The flow's request id is not known down here: the answer has none.)
             if not (self.conn.state & ConnectionState.CAN_WRITE):
                 return
             path = self.request.path if self.request is not None else ""
             method = self.request.method if self.request is not None else ""
-            yield commands.SendData(self.conn, error_response(event.code, path, method=method))
+            rid = request_id_of(flow_of(self, event.stream_id))
+            yield commands.SendData(self.conn, error_response(
+                event.code, path, method=method, request_id=rid))
             yield commands.CloseConnection(self.conn)
             return
         yield from original(self, event)
 
     return send
+
+
+def flow_of(server, stream_id: int):
+    """The flow on `stream_id` of a client connection's HTTP server layer, or None: the
+    HTTP layer above the connection holds the stream, and the stream the flow."""
+    for layer in reversed(server.context.layers):
+        if isinstance(layer, http_layers.HttpLayer):
+            return getattr(layer.streams.get(stream_id), "flow", None)
+    return None
+
+
+def request_id_of(flow) -> str | None:
+    """The flow's request id, when its addons gave it one."""
+    st = getattr(flow, ATTRIBUTE, None)
+    return st.id if st is not None else None
 
 
 def _wrap_consume_body(original):
@@ -290,4 +315,7 @@ def install(max_head: Callable[[], int] | None = None,
     stream = http_layers.HttpStream
     stream.state_consume_request_body = _wrap_consume_body(stream.state_consume_request_body)
     _http1.make_error_response = _replacement_error_response
+    from keygate.edge import http2  # (it builds on this module)
+
+    http2.install()  # the same answers in place of mitmproxy's on HTTP/2
     _installed = True

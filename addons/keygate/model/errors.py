@@ -52,7 +52,9 @@ def make_error(
         path = flow.request.path = path.split("?", 1)[0]
     resp = http.Response.make(
         status,
-        error_body(path, code, message),
+        # The shape of the path the client asked for: once routed, flow.request.path is
+        # the upstream's (an openai channel's has no /v1/ of its own).
+        error_body(state_of(flow).path or path, code, message),
         {"content-type": "application/json", "x-keygate-error": code, **(headers or {})},
     )
     if flow.request.method == "HEAD":
