@@ -131,7 +131,7 @@ def test_usage_totals(tmp_path):
     done = invoke("usage", "--log", str(log), "--since", "2026-11-26", "--format", "json")
     assert done.exit_code == 0, done.stderr
     assert json.loads(done.stdout) == [{"requests": 1, "prompt_tokens": 1, "completion_tokens": 2,
-                                        "total_tokens": 3, "errors": 0}]
+                                        "total_tokens": 3, "errors": 0, "cost": None}]
     done = invoke("usage", "--log", str(log), "--since", "2026-11-27", "--until", "2026-11-26")
     assert done.exit_code == 2 and "usage: error: --since is after --until" in done.stderr
 

@@ -770,8 +770,8 @@ def test_version_1_sidecar_is_replaced_and_a_newer_one_left_alone(tmp_path, capl
     sc = sidecar_path(p)
     sc.write_text('{"version":1,"window_days":3,"files":[]}')
     assert_recount(Ledger.load(p, 3), rs)
-    assert json.loads(sc.read_text())["version"] == SIDECAR_VERSION == 2
-    newer = '{"version":3,"window_days":3,"retired":{"what":"we cannot read"},"files":[]}'
+    assert json.loads(sc.read_text())["version"] == SIDECAR_VERSION == 3
+    newer = '{"version":4,"window_days":3,"retired":{"what":"we cannot read"},"files":[]}'
     sc.write_text(newer)
     assert_recount(Ledger.load(p, 3), rs)
     assert "written by a newer keygate" in caplog.text
@@ -837,3 +837,178 @@ def test_a_sidecar_that_cannot_be_written_does_not_stop_rotation(tmp_path, caplo
     w.close()
     assert len(naive_records(p)) <= 2
     assert "a restart will not count its lines" in caplog.text
+
+
+# --------------------------------------------------------------------------- money
+#
+# Budgets read the money of the lines (their `cost`, docs/usage-log.md#cost) per UTC day, per
+# UTC month and in total: the same counters as tokens, in exact decimals, carried the same
+# way across rotation and restarts.
+
+from decimal import Decimal  # noqa: E402
+
+
+def naive_money(records: list[dict], window: int = 3):
+    """(money per key, {(key, day)} for the newest `window` days, {(key, month)} for the
+    newest day's month and the one before), zeros left out, exact."""
+    totals: dict[str, Decimal] = defaultdict(Decimal)
+    days: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
+    months: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
+    newest = ""  # the newest day of every line that counts, with money or not
+    for r in records:
+        key, err, cost = r.get("key"), r.get("error"), r.get("cost")
+        if not isinstance(key, str) or (isinstance(err, str) and err in REFUSED):
+            continue
+        d = naive_day(r.get("ts"))
+        newest = max(newest, d or "")
+        if isinstance(cost, bool) or not isinstance(cost, (int, Decimal)) or cost < 0:
+            continue
+        totals[key] += cost
+        if d is not None:
+            days[(key, d)] += cost
+            months[(key, d[:7])] += cost
+    if newest:
+        horizon = (date.fromisoformat(newest) - timedelta(days=window - 1)).isoformat()
+        days = {kd: v for kd, v in days.items() if kd[1] >= horizon}
+        before = month_before(newest[:7])
+        months = {km: v for km, v in months.items() if km[1] >= before}
+    return ({k: v for k, v in totals.items() if v}, {k: v for k, v in days.items() if v},
+            {k: v for k, v in months.items() if v})
+
+
+def assert_money(ledger: Ledger, records: list[dict]) -> None:
+    totals, days, months = naive_money(records)
+    assert ledger.money_snapshot() == (totals, days, months)
+    for key, m in totals.items():
+        assert ledger.spent_total(key) == m
+    for (key, day), m in days.items():
+        assert ledger.spent_on(key, day) == m
+    for (key, month), m in months.items():
+        assert ledger.spent_in_month(key, month) == m
+    assert ledger.spent_total("nobody") == 0 and ledger.spent_on("nobody", "2026-11-20") == 0
+
+
+costs = st.one_of(st.none(), st.integers(0, 5),
+                  st.decimals(min_value=0, max_value=100, places=9, allow_nan=False),
+                  st.just(Decimal("0.1")), st.just(Decimal("-1")), st.just("0.5"))
+
+
+@st.composite
+def priced(draw, odd=True):
+    r = draw(records(odd=odd))
+    r["cost"] = draw(costs)
+    return r
+
+
+def test_money_is_counted_per_day_month_and_in_total():
+    rs = [rec(1, day=0, cost=Decimal("0.00002277")), rec(2, day=0, cost=Decimal("0.1")),
+          rec(3, day=11, cost=Decimal("0.2")),  # 2026-12-01: a new month
+          rec(4, day=11, cost=None), rec(5, day=11, key="bob", cost=Decimal("1.5")),
+          rec(6, day=11, cost=Decimal("9"), error="insufficient_quota"),  # refused: nothing
+          rec(7, day=11, cost=Decimal("0.3"), error="upstream_error")]  # forwarded: counts
+    led = Ledger()
+    for r in rs:
+        led.add(r)
+    assert_money(led, rs)
+    assert led.spent_total("alice") == Decimal("0.60002277")
+    assert led.spent_in_month("alice", "2026-11") == Decimal("0.10002277")
+    assert led.spent_in_month("alice", "2026-12") == led.spent_on("alice", "2026-12-01") \
+        == Decimal("0.5")
+
+
+@SLOW_OK
+@given(st.lists(priced(), max_size=80))
+def test_money_add_equals_naive_recount(rs):
+    led = Ledger()
+    for r in rs:
+        led.add(r)
+    assert_money(led, rs)
+
+
+@settings(SLOW_OK, max_examples=200)
+@given(st.lists(st.one_of(priced(odd=False), priced()), max_size=60),
+       st.lists(st.integers(0, 100), max_size=4))
+def test_money_merge_of_pieces_and_the_sidecar_form_equal_the_whole(rs, cuts_percent):
+    whole = Counters()
+    for r in rs:
+        whole.add(r)
+    cuts = {c * len(rs) // 100 for c in cuts_percent}
+    merged, bounds = Counters(), sorted(cuts | {0, len(rs)})
+    for a, b in zip(bounds, bounds[1:]):
+        piece = Counters()
+        for r in rs[a:b]:
+            piece.add(r)
+        merged.merge(piece)
+    assert merged.money_snapshot() == whole.money_snapshot()
+    again = Counters.from_json(json.loads(json.dumps(whole.to_json())), 3)
+    assert again.money_snapshot() == whole.money_snapshot()
+    assert again.snapshot() == whole.snapshot()
+
+
+def test_money_survives_restarts_through_the_sidecar_and_without_it(tmp_path):
+    p = tmp_path / "usage.jsonl"
+    rs = [rec(i, day=i % 4, cost=Decimal("0.000000297") * i) for i in range(40)]
+    write_log(p, [encode(r) for r in rs])
+    assert_money(Ledger.load(p, 3), rs)
+    cached = Ledger.load(p, 3)
+    assert cached.stats.scanned_bytes == 0  # all from the sidecar
+    assert_money(cached, rs)
+    assert '"spent":{"alice":"0.00023166"}' in sidecar_path(p).read_text()
+    sidecar_path(p).unlink()
+    assert_money(Ledger.load(p, 3), rs)
+
+
+def test_money_of_deleted_files_is_carried_forward(tmp_path):
+    """Rotation deletes a file: its money stays in the retired tally, like its tokens."""
+    p = tmp_path / "usage.jsonl"
+    led = Ledger.load(p, 1)
+    w = UsageWriter(p, 1 << 20, 1, checkpoint=led.checkpoint, rotate=led.rotate)
+    rs = [rec(i, tokens=100, cost=Decimal("0.1"), blob="x" * 600_000) for i in range(9)]
+    for r in rs:
+        led.add(r)
+        w.write(r)
+    w.close()
+    assert len(naive_records(p)) == 2  # most files are gone
+    again = Ledger.load(p, 1)
+    assert again.spent_total("alice") == Decimal("0.9")
+    assert again.spent_on("alice", BASE.isoformat()) == Decimal("0.9")
+    assert again.spent_in_month("alice", "2026-11") == Decimal("0.9")
+    assert again.money_snapshot() == led.money_snapshot()
+    # a crash between a deletion and the sidecar's update: the file's summary is retired
+    rotated_name(p, 1).unlink()
+    assert Ledger.load(p, 1).spent_total("alice") == Decimal("0.9")
+
+
+def test_a_version_2_sidecar_keeps_its_retired_tally_and_recounts_the_files(tmp_path):
+    """Version 2 knew no money (keygate wrote no costs then): its retired counts are kept,
+    with no money, and the files on disk are counted again for theirs."""
+    p = tmp_path / "usage.jsonl"
+    rs = [rec(i, cost=Decimal("0.25")) for i in range(4)]
+    write_log(p, [encode(r) for r in rs])
+    day = BASE.isoformat()
+    sidecar_path(p).write_text(json.dumps({
+        "version": 2, "window_days": 3,
+        "retired": {"files": 1, "newest": day, "totals": {"alice": 1000},
+                    "days": {day: {"alice": [7, 1000]}}, "months": {}},
+        "files": [{"head": "x", "offset": 5, "tail": "y", "bad": 0, "newest": day,
+                   "totals": {"alice": 40}, "days": {day: {"alice": [4, 40]}},
+                   "months": {}}]}))
+    led = Ledger.load(p, 3)
+    assert led.tokens_total("alice") == 1000 + 40
+    assert led.requests_on("alice", day) == 7 + 4
+    assert led.spent_total("alice") == Decimal("1.00")
+    assert json.loads(sidecar_path(p).read_text())["version"] == 3
+    assert Ledger.load(p, 3).money_snapshot() == led.money_snapshot()
+
+
+@pytest.mark.parametrize("money", ['"-1"', '"abc"', "1.5", '"NaN"'])
+def test_bad_money_in_the_sidecar_is_ignored(tmp_path, caplog, money):
+    p = tmp_path / "usage.jsonl"
+    rs = [rec(i, cost=Decimal("0.5")) for i in range(3)]
+    write_log(p, [encode(r) for r in rs])
+    day = BASE.isoformat()
+    sidecar_path(p).write_text(
+        '{"version":3,"window_days":3,"retired":{"files":0,"newest":"%s","totals":{},'
+        '"days":{"%s":{"alice":[1,1,%s]}},"months":{}},"files":[]}' % (day, day, money))
+    assert_money(Ledger.load(p, 3), rs)
+    assert "ignoring usage ledger" in caplog.text

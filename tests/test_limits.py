@@ -640,3 +640,173 @@ def test_a_rolling_window_keeps_only_its_last_minute():
     for t in range(10_000):
         w.add(float(t))
     assert len(w.events) <= WINDOW + 1 and w.total == len(w.events)
+
+
+# --------------------------------------------------------------------------- months, budgets
+#
+# The quotas of docs/limits.md#quotas over UTC months, and budgets in money over the lines'
+# cost (a real Ledger here, fed lines as the Recorder feeds it), with the clock set by the
+# test: the crossing request completes, the next is refused until the reset.
+
+from decimal import Decimal  # noqa: E402
+
+from keygate.accounting.ledger import Ledger  # noqa: E402
+from keygate.stages.limiter import seconds_to_next_utc_month, utc_month  # noqa: E402
+
+
+class RealUsage:
+    def __init__(self) -> None:
+        self.ledger = Ledger()
+
+
+def budgeted(clock: Clock, toml: str = "", **limits) -> Limiter:
+    config = make_config(toml, keys={"k": {"limits": limits}})
+    return Limiter(config, RealUsage(), clock=clock)
+
+
+def spend(lim: Limiter, when: str, cost: str | None, tokens: int = 0, key: str = "k") -> None:
+    """A finished request's line, as the Recorder hands it to the ledger."""
+    lim.usage.ledger.add({"ts": when + ".000Z", "key": key, "error": None,
+                          "total_tokens": tokens,
+                          "cost": None if cost is None else Decimal(cost)})
+
+
+@pytest.mark.parametrize("now, seconds, month", [
+    ("2026-03-31T23:59:30", 30, "2026-03"),
+    ("2026-03-01T00:00:00", 31 * 86400, "2026-03"),
+    ("2026-02-15T12:00:00", 13.5 * 86400, "2026-02"),
+    ("2028-02-29T23:00:00", 3600, "2028-02"),
+    ("2026-12-31T23:59:59", 1, "2026-12"),  # the turn of a year
+])
+def test_next_utc_month(now, seconds, month):
+    assert seconds_to_next_utc_month(at(now)) == pytest.approx(seconds)
+    assert utc_month(at(now)) == month
+
+
+def test_budget_per_day_crossing_completes_and_midnight_resets():
+    clock = Clock(at("2026-03-01T23:00:00"))
+    lim = budgeted(clock, '[gateway]\ncurrency = "EUR"\n', budget_per_day=5)
+    limits = lim.config.state.keys.by_name["k"].limits
+    assert limits.budget_per_day == Decimal(5)
+    spend(lim, "2026-03-01T10:00:00", "4.99999999")
+    spend(lim, "2026-02-28T10:00:00", "1000")  # another day
+    assert lim.check("k", limits, clock.t) is None  # something remains: admitted
+    spend(lim, "2026-03-01T23:00:00", "0.5")  # ... and it crosses: it completed
+    code, message, wait = lim.check("k", limits, clock.t)
+    assert code == "insufficient_quota"
+    assert message == "Daily budget used up (5 EUR per UTC day)."
+    assert retry_after(wait) == "3600"
+    clock.t = at("2026-03-01T23:59:59.5")
+    assert retry_after(lim.check("k", limits, clock.t)[2]) == "1"
+    clock.t = at("2026-03-02T00:00:00")  # midnight UTC: a new day's budget
+    assert lim.check("k", limits, clock.t) is None
+
+
+def test_a_budget_used_exactly_is_used_up_and_zero_refuses_all():
+    clock = Clock(at("2026-03-01T12:00:00"))
+    lim = budgeted(clock, budget_per_day=0.3, budget_total=0)
+    spend(lim, "2026-03-01T10:00:00", "0.1")
+    spend(lim, "2026-03-01T10:00:01", "0.2")  # 0.1 + 0.2 is 0.3, exactly
+    day_only = KeyLimits(budget_per_day=Decimal("0.3"))
+    assert lim.check("k", day_only, clock.t)[0] == "insufficient_quota"
+    assert lim.check("k", KeyLimits(budget_per_day=Decimal("0.30000001")), clock.t) is None
+    code, message, wait = lim.check("k", KeyLimits(budget_total=Decimal(0)), clock.t)
+    assert (code, wait) == ("insufficient_quota", None)
+    assert message == "Budget used up (0 USD in total)."
+
+
+def test_budget_per_month_resets_at_the_month_turn():
+    clock = Clock(at("2026-03-31T23:59:30"))
+    lim = budgeted(clock, budget_per_month=10)
+    limits = KeyLimits(budget_per_month=Decimal(10))
+    for day in ("2026-03-01", "2026-03-15", "2026-03-31"):
+        spend(lim, day + "T08:00:00", "3.5")
+    code, message, wait = lim.check("k", limits, clock.t)
+    assert code == "insufficient_quota" and "10 USD per UTC month" in message
+    assert retry_after(wait) == "30"
+    clock.t = at("2026-04-01T00:00:00")
+    assert lim.check("k", limits, clock.t) is None
+    spend(lim, "2026-04-01T00:00:00", "9.99")
+    assert lim.check("k", limits, clock.t) is None
+    spend(lim, "2026-04-01T00:00:01", "0.01")
+    assert lim.check("k", limits, clock.t)[0] == "insufficient_quota"
+
+
+def test_budget_total_never_resets_and_has_no_retry_after():
+    clock = Clock(at("2026-03-01T12:00:00"))
+    lim = budgeted(clock, budget_total=1)
+    limits = KeyLimits(budget_total=Decimal(1))
+    spend(lim, "2026-01-05T12:00:00", "0.6")
+    assert lim.check("k", limits, clock.t) is None
+    spend(lim, "2026-03-01T12:00:00", "0.4")
+    code, message, wait = lim.check("k", limits, clock.t)
+    assert code == "insufficient_quota" and wait is None
+    assert message == "Budget used up (1 USD in total)."
+    assert lim.check("k", limits, at("2027-06-01T00:00:00")) is not None
+
+
+def test_lines_without_cost_spend_nothing():
+    clock = Clock(at("2026-03-01T12:00:00"))
+    lim = budgeted(clock, budget_per_day=0.000001)
+    for i in range(100):
+        spend(lim, f"2026-03-01T11:00:{i % 60:02d}", None, tokens=1000)
+    assert lim.check("k", KeyLimits(budget_per_day=Decimal("0.000001")), clock.t) is None
+
+
+def test_requests_per_month_counts_those_in_flight():
+    clock = Clock(at("2026-03-31T23:00:00"))
+    lim = budgeted(clock, requests_per_month=3)
+    limits = KeyLimits(requests_per_month=3)
+    spend(lim, "2026-03-02T00:00:00", None)
+    spend(lim, "2026-02-28T23:59:59", None)  # last month
+    assert lim.check("k", limits, clock.t) is None
+    lim.admit("k", clock.t)  # in flight: not in the log yet
+    assert lim.check("k", limits, clock.t) is None
+    lim.admit("k", clock.t)
+    code, message, wait = lim.check("k", limits, clock.t)
+    assert code == "insufficient_quota"
+    assert message == "Monthly request quota used up (3 per UTC month)."
+    assert retry_after(wait) == "3600"
+    clock.t = at("2026-04-01T00:00:00")
+    assert lim.check("k", limits, clock.t) is None
+
+
+def test_tokens_per_month_and_its_reservations():
+    clock = Clock(at("2026-03-20T12:00:00"))
+    lim = budgeted(clock, tokens_per_month=5000)
+    limits = KeyLimits(tokens_per_month=5000)
+    spend(lim, "2026-03-01T00:00:00", None, tokens=3000)
+    assert lim.reservation("k", limits) == FIRST_ESTIMATE
+    assert lim.check("k", limits, clock.t) is None
+    lim.admit("k", clock.t, FIRST_ESTIMATE)
+    lim.admit("k", clock.t, FIRST_ESTIMATE)  # 3000 + 2 x 1024 >= 5000: held, not used up
+    code, message, wait = lim.check("k", limits, clock.t)
+    assert (code, wait) == ("rate_limit_exceeded", 1.0)
+    assert "5000 per UTC month" in message
+    spend(lim, "2026-03-20T12:00:00", None, tokens=2000)  # now used up
+    assert lim.check("k", limits, clock.t)[0] == "insufficient_quota"
+
+
+def test_addon_budget_refusal_has_retry_after_until_midnight():
+    clock = Clock(at("2026-03-01T18:00:00"))
+    lim = budgeted(clock, budget_per_day=0.01)
+    with taddons.context():
+        f = admitted()
+        lim.request(f)
+        assert f.response is None  # nothing spent yet
+        spend(lim, "2026-03-01T18:00:00", "0.02")  # it crossed, and completed
+        finish(lim, f)
+        f = admitted()
+        lim.request(f)
+    assert f.response.status_code == 429
+    assert f.response.headers["x-keygate-error"] == "insufficient_quota"
+    assert f.response.headers["retry-after"] == str(6 * 3600)
+    assert not state_of(f).admitted and not state_of(f).counted
+
+
+def test_quota_keys_wait_for_the_counters():
+    """Any quota (months and budgets too) needs the ledger rebuilt from the log."""
+    assert KeyLimits(budget_total=Decimal(1)).quotas == ("budget_total",)
+    assert KeyLimits(requests_per_month=1, rpm=5).quotas == ("requests_per_month",)
+    assert KeyLimits(rpm=5, tpm=5, concurrent=1).quotas == ()
+    assert KeyLimits(budget_per_month=Decimal(0)).any()

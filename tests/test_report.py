@@ -191,9 +191,9 @@ def test_table_layout():
     rows = aggregate(RECORDS, ("key",))
     lines = format_table(rows, ("key",)).splitlines()
     assert lines[0].split() == ["key", "requests", "prompt_tokens", "completion_tokens",
-                                "total_tokens", "errors"]
-    assert lines[1].split() == ["-", "1", "0", "0", "0", "1"]
-    assert lines[-1].split() == ["TOTAL", "5", "117", "58", "175", "2"]
+                                "total_tokens", "errors", "cost"]
+    assert lines[1].split() == ["-", "1", "0", "0", "0", "1", "-"]
+    assert lines[-1].split() == ["TOTAL", "5", "117", "58", "175", "2", "-"]
     ends = {len(line) for line in lines}
     assert len(ends) == 1  # right-aligned numbers: every line ends in the same column
     assert lines[1].index("1") == lines[0].index("requests") + len("requests") - 1
@@ -202,7 +202,8 @@ def test_table_layout():
 def test_table_thousands_and_no_groups():
     rows = [Row((), Totals(requests=1234567, total_tokens=5))]
     lines = format_table(rows, ()).splitlines()
-    assert len(lines) == 2 and lines[1].split() == ["TOTAL", "1,234,567", "0", "0", "5", "0"]
+    assert len(lines) == 2 and lines[1].split() == ["TOTAL", "1,234,567", "0", "0", "5", "0",
+                                                 "-"]
 
 
 # --------------------------------------------------------------------------- hostile names
@@ -275,7 +276,7 @@ def test_reads_rotated_files_and_skips_the_torn_line(capsys, log):
     code, out, err = run(capsys, "--log", str(log), "--format", "json")
     assert code == 0
     assert json.loads(out) == [{"requests": 5, "prompt_tokens": 117, "completion_tokens": 58,
-                                "total_tokens": 175, "errors": 2}]
+                                "total_tokens": 175, "errors": 2, "cost": None}]
     assert "skipped 1 line of" in err
 
 
@@ -284,7 +285,7 @@ def test_json_groups_keep_nulls(capsys, log):
                        "--format", "json")
     rows = json.loads(out)
     assert rows[0] == {"key": None, "model": None, "requests": 1, "prompt_tokens": 0,
-                       "completion_tokens": 0, "total_tokens": 0, "errors": 1}
+                       "completion_tokens": 0, "total_tokens": 0, "errors": 1, "cost": None}
     assert [(r["key"], r["model"]) for r in rows] == [
         (None, None), ("alice", "llama3.2"), ("alice", "qwen2.5:7b"), ("bob", "qwen2.5:7b")]
 
@@ -303,8 +304,8 @@ def test_table_with_filters(capsys, log, monkeypatch):
     code, out, _ = run(capsys, "--log", str(log), "--since", "2026-11-25",
                        "--until", "2026-11-26T00:00:00Z", "--by", "day")
     lines = out.splitlines()
-    assert lines[1].split() == ["2026-11-25", "2", "100", "50", "150", "1"]
-    assert lines[2].split() == ["TOTAL", "2", "100", "50", "150", "1"]
+    assert lines[1].split() == ["2026-11-25", "2", "100", "50", "150", "1", "-"]
+    assert lines[2].split() == ["TOTAL", "2", "100", "50", "150", "1", "-"]
     assert len(lines) == 3
 
 
@@ -320,7 +321,7 @@ def test_relative_since_counts_back_from_now(capsys, tmp_path):
 def test_missing_log_is_an_empty_report(capsys, tmp_path):
     code, out, err = run(capsys, "--log", str(tmp_path / "none" / "usage.jsonl"), "--by", "key")
     assert code == 0 and err == ""
-    assert out.splitlines()[-1].split() == ["TOTAL", "0", "0", "0", "0", "0"]
+    assert out.splitlines()[-1].split() == ["TOTAL", "0", "0", "0", "0", "0", "-"]
     _, out, _ = run(capsys, "--log", str(tmp_path / "none.jsonl"), "--by", "key",
                     "--format", "json")
     assert json.loads(out) == []
@@ -387,7 +388,8 @@ def test_python_m_and_the_script_wrapper(tmp_path, log):
     out = subprocess.run([str(tmp_path / "kg" / "scripts" / "usage"), "--log", str(log),
                           "--by", "channel"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines()[-1].split() == ["TOTAL", "5", "117", "58", "175", "2"]
+    assert out.stdout.splitlines()[-1].split() == ["TOTAL", "5", "117", "58", "175", "2",
+                                                   "-"]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "addons"))
     out = subprocess.run([sys.executable, "-m", "keygate.cli.main", "usage", "--log", str(log),
                           "--since", "nonsense"], capture_output=True, text=True, env=env,

@@ -47,6 +47,7 @@ class FakeOllama(NativeAPI, OpenAIAPI, ResponsesAPI, AnthropicAPI, HTTPServer):
         # Stream style; read on every request, so set them any time.
         self.openai_style = "new"  # "new" (Ollama >= 0.32.6) or "legacy"
         self.usage_every_chunk = False
+        self.cached_tokens = 0  # OpenAI usage: report this many prompt tokens as cached
         self._catalogue = Catalogue(models)
         self._routes, self._param_routes = self._build_routes()
 

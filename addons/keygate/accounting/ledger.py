@@ -1,5 +1,6 @@
 """Per-key counters derived from the usage log (docs/usage-log.md, docs/limits.md): they feed the
-quotas.
+quotas. Per key: requests, tokens and money (the lines' `cost`, summed as exact decimals)
+per UTC day and UTC month, and tokens and money in total.
 
 The log is the source of truth. `Ledger.load` rebuilds the counters from the live file, its
 rotated files and what rotation deleted; `Ledger.add` keeps them current in memory as
@@ -58,12 +59,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, timedelta
+from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
 from typing import Any, BinaryIO, Mapping
 
 from keygate.accounting.log import log_files, parse_line, read_log
 from keygate.files import write_atomic
+from keygate.model.prices import MONEY, ZERO, money_text, to_decimal
 
 try:
     import fcntl
@@ -77,10 +80,21 @@ REFUSED = frozenset({
     "model_not_found", "request_too_large", "rate_limit_exceeded", "insufficient_quota",
     "gateway_unavailable", "request_timeout",
 })
+# keygate's own endpoints (docs/endpoints.md#keygates-own-endpoints): answered by keygate,
+# never forwarded, so they count for no quota (a front-end polling its balance must not
+# use it up). The paths of model/endpoints.py's own kinds; test_pages checks they agree.
+OWN_PATHS = frozenset({
+    "/keygate/health/live", "/keygate/health/ready", "/keygate/dashboard", "/keygate/usage",
+    "/keygate/me", "/v1/dashboard/billing/subscription", "/v1/dashboard/billing/usage",
+    "/metrics",
+})
 WINDOW_DAYS = 3
-# Version 2 adds the retired tally and month counters. A version 1 sidecar (no retired
-# counts, no months) is ignored and replaced; a newer one is left alone.
-SIDECAR_VERSION = 2
+# Version 2 adds the retired tally and month counters, version 3 money (the `cost` of the
+# lines: a counter is [requests, tokens] or [requests, tokens, "money"], and "spent" the
+# lifetime money per key). A version 1 sidecar (no retired counts, no months) is ignored
+# and replaced; of a version 2 one only the retired tally is kept, with no money (keygate
+# wrote no costs then), and the files on disk are counted again; a newer one is left alone.
+SIDECAR_VERSION = 3
 HEAD_MAX = 1 << 16  # a first line longer than this is known by its first HEAD_MAX bytes
 TAIL_BYTES = 4096  # ~10 lines, request ids included
 
@@ -89,7 +103,8 @@ def counts(record: dict) -> bool:
     """Whether a record counts for quotas (docs/limits.md): a key was identified (a string) and
     keygate did not refuse the request. Upstream failures count: they were forwarded."""
     error = record.get("error")
-    return type(record.get("key")) is str and not (type(error) is str and error in REFUSED)
+    return type(record.get("key")) is str and not (
+        type(error) is str and error in REFUSED) and record.get("path") not in OWN_PATHS
 
 
 def day_of(ts: Any) -> str | None:
@@ -109,17 +124,30 @@ def tokens_of(record: dict) -> int:
     return t if type(t) is int and t > 0 else 0
 
 
-def _count(periods: dict[str, dict[str, list[int]]], period: str, key: str, requests: int,
-           tokens: int) -> None:
+_add = MONEY.add  # exact (a context wide enough for any sum of costs), bound once
+
+
+def money_of(record: dict) -> Decimal:
+    """The record's `cost` (docs/usage-log.md#cost) when it is a number >= 0, else 0."""
+    cost = record.get("cost")
+    if cost is None:
+        return ZERO
+    return to_decimal(cost) or ZERO
+
+
+def _count(periods: dict[str, dict[str, list]], period: str, key: str, requests: int,
+           tokens: int, money: Decimal = ZERO) -> None:
     per_key = periods.get(period)
     if per_key is None:
         per_key = periods[period] = {}
     c = per_key.get(key)
     if c is None:
-        per_key[key] = [requests, tokens]
+        per_key[key] = [requests, tokens, money]
     else:
         c[0] += requests
         c[1] += tokens
+        if money:
+            c[2] = MONEY.add(c[2], money)
 
 
 def month_before(month: str) -> str:
@@ -131,18 +159,19 @@ def month_before(month: str) -> str:
 class Counters:
     """Counters of the records that count, fed in log order. Not thread-safe.
 
-    Keeps per-(day, key) [requests, tokens] for days >= horizon = newest day seen minus
-    (window - 1), per-(month, key) counts for months >= the month before the newest day's,
-    and lifetime tokens per key. A month's count is `months` (the days already out of the
-    day window, folded in as they leave it, and records that came too late for it) plus
-    its days still in the window: the hot path counts a record once, by its day. For every
-    day and month kept the counters equal a full recount, whatever the order of records,
-    and `merge` of the tallies of pieces of a log, in any order, equals the tally of the
-    whole (the horizons only move forward, so nothing dropped early was still needed).
+    Keeps per-(day, key) [requests, tokens, money] for days >= horizon = newest day seen
+    minus (window - 1), per-(month, key) counts for months >= the month before the newest
+    day's, and lifetime tokens and money per key (money: the lines' `cost`, Decimal). A
+    month's count is `months` (the days already out of the day window, folded in as they
+    leave it, and records that came too late for it) plus its days still in the window:
+    the hot path counts a record once, by its day. For every day and month kept the
+    counters equal a full recount, whatever the order of records, and `merge` of the
+    tallies of pieces of a log, in any order, equals the tally of the whole (the horizons
+    only move forward, so nothing dropped early was still needed).
     """
 
-    __slots__ = ("window", "newest", "horizon", "month_horizon", "totals", "days", "months",
-                 "_valid")
+    __slots__ = ("window", "newest", "horizon", "month_horizon", "totals", "spent", "days",
+                 "months", "_valid")
 
     def __init__(self, window: int = WINDOW_DAYS) -> None:
         if window < 1:
@@ -152,8 +181,9 @@ class Counters:
         self.horizon = ""
         self.month_horizon = ""
         self.totals: dict[str, int] = {}
-        self.days: dict[str, dict[str, list[int]]] = {}
-        self.months: dict[str, dict[str, list[int]]] = {}  # days out of the window only
+        self.spent: dict[str, Decimal] = {}  # keys that spent anything only
+        self.days: dict[str, dict[str, list]] = {}
+        self.months: dict[str, dict[str, list]] = {}  # days out of the window only
         self._valid: set[str] = set()  # days already checked by day_of
 
     def add(self, record: dict) -> None:
@@ -165,10 +195,19 @@ class Counters:
         error = record.get("error")
         if type(error) is str and error in REFUSED:
             return
+        if record.get("path") in OWN_PATHS:
+            return
         t = record.get("total_tokens")
         tokens = t if type(t) is int and t > 0 else 0
         totals = self.totals
         totals[key] = totals.get(key, 0) + tokens
+        money = record.get("cost")
+        if money is None:
+            money = ZERO
+        elif type(money) is not Decimal or money < ZERO:  # (what the log reader gives: Decimal)
+            money = money_of(record)
+        if money:
+            self.spent[key] = _add(self.spent.get(key, ZERO), money)
         ts = record.get("ts")
         day = ts[:10] if type(ts) is str else None
         if day not in self._valid:
@@ -180,17 +219,19 @@ class Counters:
         elif day < self.horizon:
             # Too late for its day (a long stream logged days after it began): its month.
             if day[:7] >= self.month_horizon:
-                _count(self.months, day[:7], key, 1, tokens)
+                _count(self.months, day[:7], key, 1, tokens, money)
             return
         per_key = self.days.get(day)
         if per_key is None:
             per_key = self.days[day] = {}
         c = per_key.get(key)
         if c is None:
-            per_key[key] = [1, tokens]
+            per_key[key] = [1, tokens, money]
         else:
             c[0] += 1
             c[1] += tokens
+            if money:
+                c[2] = _add(c[2], money)
 
     def _advance(self, day: str) -> None:
         self.newest = day
@@ -198,8 +239,8 @@ class Counters:
         self.month_horizon = month_before(day[:7])
         for d in [d for d in self.days if d < self.horizon]:
             if d[:7] >= self.month_horizon:
-                for k, (r, t) in self.days[d].items():
-                    _count(self.months, d[:7], k, r, t)
+                for k, (r, t, m) in self.days[d].items():
+                    _count(self.months, d[:7], k, r, t, m)
             del self.days[d]
         for m in [m for m in self.months if m < self.month_horizon]:
             del self.months[m]
@@ -210,6 +251,9 @@ class Counters:
         totals = self.totals
         for k, v in other.totals.items():
             totals[k] = totals.get(k, 0) + v
+        spent = self.spent
+        for k, v in other.spent.items():
+            spent[k] = MONEY.add(spent.get(k, ZERO), v)
         if other.newest > self.newest:
             self._advance(other.newest)
         for day, theirs in other.days.items():
@@ -219,12 +263,12 @@ class Counters:
                 into, period = self.months, day[:7]
             else:
                 continue
-            for k, (r, t) in theirs.items():
-                _count(into, period, k, r, t)
+            for k, (r, t, m) in theirs.items():
+                _count(into, period, k, r, t, m)
         for month, theirs in other.months.items():
             if month >= self.month_horizon:
-                for k, (r, t) in theirs.items():
-                    _count(self.months, month, k, r, t)
+                for k, (r, t, m) in theirs.items():
+                    _count(self.months, month, k, r, t, m)
 
     def copy(self) -> Counters:
         new = Counters(self.window)
@@ -237,15 +281,27 @@ class Counters:
     def tokens_on(self, key: str, day: str) -> int:
         return self.days.get(day, {}).get(key, (0, 0))[1]
 
+    def spent_on(self, key: str, day: str) -> Decimal:
+        return self.days.get(day, {}).get(key, (0, 0, ZERO))[2]
+
     def in_month(self, key: str, month: str) -> tuple[int, int]:
         """(requests, tokens) of `key` in "YYYY-MM": folded days plus those in the window."""
-        r, t = self.months.get(month, {}).get(key, (0, 0))
+        return self.month_of(key, month)[:2]
+
+    def month_of(self, key: str, month: str) -> tuple[int, int, Decimal]:
+        """(requests, tokens, money) of `key` in "YYYY-MM"."""
+        r, t, m = self.months.get(month, {}).get(key, (0, 0, ZERO))
         for day, per_key in self.days.items():
             if day.startswith(month):
                 c = per_key.get(key)
                 if c is not None:
                     r, t = r + c[0], t + c[1]
-        return r, t
+                    if c[2]:
+                        m = MONEY.add(m, c[2])
+        return r, t, m
+
+    def spent_in_month(self, key: str, month: str) -> Decimal:
+        return self.month_of(key, month)[2]
 
     def requests_in_month(self, key: str, month: str) -> int:
         return self.in_month(key, month)[0]
@@ -258,18 +314,30 @@ class Counters:
                                     for k, c in pk.items()})
 
     def month_snapshot(self) -> dict[tuple[str, str], tuple[int, int]]:
-        out: dict[tuple[str, str], tuple[int, int]] = {}
+        return {km: (r, t) for km, (r, t, _) in self._months_whole().items()}
+
+    def money_snapshot(self) -> tuple[dict[str, Decimal], dict[tuple[str, str], Decimal],
+                                      dict[tuple[str, str], Decimal]]:
+        """(lifetime money per key, {(key, day): money}, {(key, month): money}), where
+        not zero."""
+        days = {(k, d): c[2] for d, pk in self.days.items() for k, c in pk.items() if c[2]}
+        months = {km: m for km, (_, _, m) in self._months_whole().items() if m}
+        return dict(self.spent), days, months
+
+    def _months_whole(self) -> dict[tuple[str, str], tuple[int, int, Decimal]]:
+        out: dict[tuple[str, str], tuple[int, int, Decimal]] = {}
         for periods, month_of in ((self.months, str), (self.days, lambda d: d[:7])):
             for period, per_key in periods.items():
-                for k, (r, t) in per_key.items():
+                for k, (r, t, m) in per_key.items():
                     km = (k, month_of(period))
-                    r0, t0 = out.get(km, (0, 0))
-                    out[km] = (r0 + r, t0 + t)
+                    r0, t0, m0 = out.get(km, (0, 0, ZERO))
+                    out[km] = (r0 + r, t0 + t, MONEY.add(m0, m))
         return out
 
     def to_json(self) -> dict:
-        return {"newest": self.newest, "totals": self.totals, "days": self.days,
-                "months": self.months}
+        return {"newest": self.newest, "totals": self.totals,
+                "spent": {k: money_text(v) for k, v in self.spent.items()},
+                "days": _periods_json(self.days), "months": _periods_json(self.months)}
 
     @classmethod
     def from_json(cls, doc: Any, window: int) -> Counters:
@@ -281,6 +349,10 @@ class Counters:
         if not isinstance(totals, dict) or not all(
                 type(k) is str and type(v) is int for k, v in totals.items()):
             raise ValueError("bad totals")
+        spent = doc.get("spent", {})  # (none before version 3)
+        if not isinstance(spent, dict) or not all(type(k) is str for k in spent):
+            raise ValueError("bad spent")
+        new.spent = {k: _money_json(v) for k, v in spent.items()}
         for what, periods, valid in (("day", days, day_of),
                                      ("month", months, lambda m: day_of(f"{m}-01"))):
             if not isinstance(periods, dict):
@@ -290,9 +362,11 @@ class Counters:
                         or valid(period) is None or not isinstance(per_key, dict)):
                     raise ValueError(f"bad {what} {period!r}")
                 for k, c in per_key.items():
-                    if (type(k) is not str or not isinstance(c, list) or len(c) != 2
-                            or not all(type(x) is int for x in c)):
+                    if (type(k) is not str or not isinstance(c, list) or len(c) not in (2, 3)
+                            or not (type(c[0]) is int and type(c[1]) is int)):
                         raise ValueError(f"bad counter for {k!r} in {period}")
+                    # (in place: the document is this function's own, just parsed)
+                    per_key[k] = [c[0], c[1], _money_json(c[2]) if len(c) == 3 else ZERO]
         if newest:
             new._advance(newest)
         new.totals = dict(totals)
@@ -302,9 +376,29 @@ class Counters:
             if d >= new.horizon:  # (older days only where the writer's window was wider)
                 new.days[d] = {k: list(c) for k, c in pk.items()}
             elif d[:7] >= new.month_horizon:
-                for k, (r, t) in pk.items():
-                    _count(new.months, d[:7], k, r, t)
+                for k, (r, t, m) in pk.items():
+                    _count(new.months, d[:7], k, r, t, m)
         return new
+
+
+def _periods_json(periods: dict[str, dict[str, list]]) -> dict:
+    """Day or month counters for the sidecar: [requests, tokens], and the money as its
+    exact digits where there is any."""
+    return {p: {k: [c[0], c[1], money_text(c[2])] if c[2] else [c[0], c[1]]
+                for k, c in pk.items()} for p, pk in periods.items()}
+
+
+def _money_json(v: Any) -> Decimal:
+    """Money as the sidecar writes it (its digits as a string); ValueError otherwise."""
+    if type(v) is not str:
+        raise ValueError("bad money")
+    try:
+        d = Decimal(v)
+    except ArithmeticError:
+        raise ValueError("bad money") from None
+    if not d.is_finite() or d < 0:
+        raise ValueError("bad money")
+    return d
 
 
 # --------------------------------------------------------------------------- the cache
@@ -462,10 +556,12 @@ def read_sidecar(path: Path, window: int) -> Cache:
                         version)
             empty.writable = False
             return empty
-        if version < SIDECAR_VERSION:
+        if version < 2:
             return empty  # nothing retired before version 2; its segments have no months
         retired = Retired.from_json(doc["retired"], window)
-        segments = [Segment.from_json(s, window) for s in doc["files"]]
+        # Version 2 segments have no money: their files are counted again.
+        segments = ([Segment.from_json(s, window) for s in doc["files"]]
+                    if version >= 3 else [])
     except FileNotFoundError:
         return empty
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
@@ -562,6 +658,21 @@ class Ledger:
         """Lifetime tokens of `key`: the log files on disk and every one rotation deleted
         (carried in the sidecar), not only what the kept files hold."""
         return self._tally.totals.get(key, 0)
+
+    def spent_on(self, key: str, day: str) -> Decimal:
+        """Money (the lines' `cost`) of `key` on UTC day "YYYY-MM-DD"."""
+        return self._tally.spent_on(key, day)
+
+    def spent_in_month(self, key: str, month: str) -> Decimal:
+        return self._tally.spent_in_month(key, month)
+
+    def spent_total(self, key: str) -> Decimal:
+        """Lifetime money of `key`, carried across rotations like tokens_total."""
+        return self._tally.spent.get(key, ZERO)
+
+    def money_snapshot(self):
+        """Counters.money_snapshot, for tests and diagnostics."""
+        return self._tally.money_snapshot()
 
     def snapshot(self) -> tuple[dict[str, int], dict[tuple[str, str], tuple[int, int]]]:
         """(lifetime tokens per key, {(key, day): (requests, tokens)} for the days kept),

@@ -1,5 +1,7 @@
-"""Totals of requests, tokens and errors over the usage log, grouped by key, model, channel
-and UTC day: what `keygate usage` prints, and what a dashboard can show.
+"""Totals of requests, tokens, errors and cost over the usage log, grouped by key, model,
+channel, UTC day and UTC month: what `keygate usage` prints, and what a dashboard can show.
+Costs are summed in decimal arithmetic (the log reader gives each line's cost as the
+Decimal it spells), so a total is exactly the sum of its lines.
 
 Pure: records in, `Row`s out; nothing here prints or formats. `read_into` is the one
 function that touches files, and it only feeds the log's records (rotated files oldest
@@ -15,13 +17,16 @@ import json
 import math
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from keygate.accounting.log import log_files, read_records
+from keygate.accounting.log import log_family, log_files, read_records
+from keygate.model.prices import MONEY, to_decimal
 from keygate.times import parse_when
 
-GROUPS = ("key", "model", "channel", "day")
+GROUPS = ("key", "model", "channel", "day", "month")
+_add = MONEY.add  # exact: wide enough for any sum of costs
 COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "errors")
 
 
@@ -32,9 +37,14 @@ class Totals:
     completion_tokens: int = 0
     total_tokens: int = 0
     errors: int = 0
+    cost: Decimal | None = None
+    """The sum of the lines' cost; None when none of them had one (no price applied)."""
 
     def __add__(self, other: Totals) -> Totals:
-        return Totals(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+        a, b = self.cost, other.cost
+        cost = a if b is None else b if a is None else MONEY.add(a, b)
+        return Totals(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)
+                        if f.name != "cost"), cost=cost)
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,8 @@ def _int(v: Any) -> int:
 def _group_value(record: dict, name: str, ts: str | None) -> str | None:
     if name == "day":
         return ts[:10] if ts else None
+    if name == "month":
+        return ts[:7] if ts else None
     v = record.get(name)
     return v if v is None or type(v) is str else json.dumps(v)
 
@@ -113,19 +125,25 @@ class Summer:
         group = tuple(_group_value(r, name, ts) for name in self.by)
         c = self._acc.get(group)
         if c is None:
-            c = self._acc[group] = [0, 0, 0, 0, 0]
+            c = self._acc[group] = [0, 0, 0, 0, 0, None]
         c[0] += 1
         c[1] += _int(r.get("prompt_tokens"))
         c[2] += _int(r.get("completion_tokens"))
         c[3] += _int(r.get("total_tokens"))
         c[4] += r.get("error") is not None
+        cost = r.get("cost")
+        if cost is not None:
+            if type(cost) is not Decimal or cost < 0:  # (the log reader gives Decimals)
+                cost = to_decimal(cost)
+            if cost is not None:
+                c[5] = cost if c[5] is None else _add(c[5], cost)
 
     def rows(self) -> list[Row]:
         """Rows sorted by group (nulls first). With no `by`: exactly one row, zeros if no
         record matched, like SQL's aggregate without GROUP BY."""
         acc = dict(self._acc)
         if not self.by and not acc:
-            acc[()] = [0, 0, 0, 0, 0]
+            acc[()] = [0, 0, 0, 0, 0, None]
         order = sorted(acc, key=lambda g: tuple((v is not None, v or "") for v in g))
         return [Row(g, Totals(*acc[g])) for g in order]
 
@@ -148,5 +166,6 @@ def total(rows: list[Row]) -> Totals:
 
 def read_into(log_path: Path, sink: Callable[[dict], Any]) -> int:
     """Feed every record of the log to `sink`, rotated files (oldest first) then the live
-    file; return the number of garbage lines skipped (a torn last line among them)."""
-    return sum(read_records(p, sink) for p in log_files(log_path))
+    file, and so for each worker's log beside it (`log_family`); return the number of
+    garbage lines skipped (a torn last line among them)."""
+    return sum(read_records(p, sink) for live in log_family(log_path) for p in log_files(live))

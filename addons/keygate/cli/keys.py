@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-import json
 import re
 import secrets
 import string
 from dataclasses import replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -52,6 +52,7 @@ from keygate.cli.common import (
 from keygate.cli.tables import render_table
 from keygate.model.keyring import (
     LIMIT_NAMES,
+    MONEY_LIMITS,
     NAME_RE,
     SCOPES,
     Key,
@@ -59,6 +60,7 @@ from keygate.model.keyring import (
     digest,
     parse_keys,
 )
+from keygate.model.prices import json_with_money, money_text
 from keygate.model.settings import ConfigError, Settings
 from keygate.times import is_date, parse_when
 
@@ -393,10 +395,18 @@ def _new_entry(digest_hex: str, models: Iterable[str], scopes: Iterable[str],
         entry["models"] = _flow(models, quote=True)
     if allow_ips:
         entry["allow_ips"] = _flow(allow_ips, quote=True)
-    limits = {n: limits[n] for n in LIMIT_NAMES if limits.get(n) is not None}
+    limits = {n: _yaml_number(limits[n]) for n in LIMIT_NAMES if limits.get(n) is not None}
     if limits:
         entry["limits"] = CommentedMap(limits)
     return entry
+
+
+def _yaml_number(v: Any) -> Any:
+    """A limit as keys.yaml holds it: a budget (a Decimal of at most 15 digits, see Money)
+    as a whole number or a float, whose shortest digits are the budget's."""
+    if isinstance(v, Decimal):
+        return int(v) if v == v.to_integral_value() else float(v)
+    return v
 
 
 def _validated(kf: KeysFile, new_text: str, expect: Callable[[KeyRing], bool]) -> KeyRing:
@@ -522,26 +532,41 @@ def remove_key(config: str | None, name: str) -> Path:
 # --- list --------------------------------------------------------------------------------------
 
 
-def _usage_today(settings: Settings, names: list[str]) -> dict[str, dict[str, int]] | None:
-    """Today's (UTC) requests and tokens per key from the usage log, or None if unknown."""
+def _usage_today(settings: Settings, names: list[str]) -> dict[str, dict[str, Any]] | None:
+    """Today's (UTC) requests and tokens per key from the usage log, with its spend (the
+    lines' cost) today, this month and in total; None if unknown."""
     try:
         from keygate.accounting.ledger import Ledger
     except ImportError:
         return None  # keygate.accounting.ledger not there: list works without usage
     day = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     try:
-        ledger = Ledger.load(settings.usage_log, settings.usage_log_keep)
+        from keygate.accounting.log import log_family
+
+        # The folder's logs together: usage.jsonl and, under `serve --workers`, each
+        # worker's own (docs/shared-state.md).
+        ledgers = [Ledger.load(p, settings.usage_log_keep)
+                   for p in log_family(settings.usage_log)]
         return {
             n: {
-                "requests": int(ledger.requests_on(n, day)),
-                "tokens": int(ledger.tokens_on(n, day)),
-                "tokens_total": int(ledger.tokens_total(n)),
+                "requests": sum(int(g.requests_on(n, day)) for g in ledgers),
+                "tokens": sum(int(g.tokens_on(n, day)) for g in ledgers),
+                "tokens_total": sum(int(g.tokens_total(n)) for g in ledgers),
+                "spent_today": _spent(g.spent_on(n, day) for g in ledgers),
+                "spent_month": _spent(g.spent_in_month(n, day[:7]) for g in ledgers),
+                "spent_total": _spent(g.spent_total(n) for g in ledgers),
             }
             for n in names
         }
     except Exception as e:  # an unreadable log must not hide the key list
         note(PROG, f"usage not shown: cannot read {settings.usage_log}: {e}")
         return None
+
+
+def _spent(amounts) -> Decimal | None:
+    """The sum of the ledgers' spends: None when none of them knows a spend."""
+    known = [a for a in amounts if a is not None]
+    return sum(known, Decimal(0)) if known else None
 
 
 def _when(value: dt.datetime | None) -> str | None:
@@ -567,6 +592,9 @@ def key_record(key: Key, usage: dict[str, int] | None, now: dt.datetime) -> dict
         "requests_today": usage["requests"] if usage else None,
         "tokens_today": usage["tokens"] if usage else None,
         "tokens_total": usage["tokens_total"] if usage else None,
+        "spent_today": usage["spent_today"] if usage else None,
+        "spent_month": usage["spent_month"] if usage else None,
+        "spent_total": usage["spent_total"] if usage else None,
     }
 
 
@@ -574,7 +602,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
     def cell(v: Any) -> str:
         if v is None:
             return "-"
-        return str(v)
+        return money_text(v) if isinstance(v, Decimal) else str(v)
 
     shown = []
     for r in rows:
@@ -586,12 +614,15 @@ def _table(rows: list[dict[str, Any]]) -> str:
             ",".join(r["scopes"]),
             "*" if r["models"] is None else ",".join(r["models"]),
             "any" if r["allow_ips"] is None else ",".join(r["allow_ips"]),
-            " ".join(f"{k}={v}" for k, v in r["limits"].items()) or "-",
+            " ".join(f"{k}={cell(v)}" for k, v in r["limits"].items()) or "-",
             cell(r["requests_today"]),
             cell(r["tokens_today"]),
+            cell(r["spent_today"]),
+            cell(r["spent_month"]),
+            cell(r["spent_total"]),
         ])
     header = ["NAME", "ENABLED", "EXPIRES", "SCOPES", "MODELS", "ALLOW_IPS", "LIMITS",
-              "REQ_TODAY", "TOK_TODAY"]
+              "REQ_TODAY", "TOK_TODAY", "SPENT_TODAY", "SPENT_MONTH", "SPENT_TOTAL"]
     return render_table([header, *shown], max_width=LIST_WIDTH)
 
 
@@ -611,11 +642,36 @@ def _complete_names(ctx: click.Context, param: click.Parameter, incomplete: str)
     return [n for n in ring.by_name if n.startswith(incomplete)]
 
 
+class Money(click.ParamType):
+    """A budget: a decimal number >= 0 in [gateway] currency, of at most 15 significant
+    digits (so that keys.yaml, which holds it as a YAML number, gives it back exactly)."""
+
+    name = "AMOUNT"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Decimal:
+        if isinstance(value, Decimal):
+            return value
+        try:
+            d = Decimal(str(value).strip())
+        except ArithmeticError:
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not d.is_finite() or d < 0:
+            self.fail(f"{value!r} must be a number >= 0", param, ctx)
+        if len(d.normalize().as_tuple().digits) > 15 or abs(d.adjusted()) > 15:
+            self.fail(f"{value!r} has more digits than a budget in keys.yaml keeps (15)",
+                      param, ctx)
+        return d
+
+
 def _limit_options(f: Callable) -> Callable:
     # Applied last to first, so --help lists them in LIMIT_NAMES' order.
     for name in reversed(LIMIT_NAMES):
-        f = click.option(f"--{name.replace('_', '-')}", name, type=COUNT, metavar="N",
-                         help=f"limit: {name}")(f)
+        money = name in MONEY_LIMITS
+        f = click.option(f"--{name.replace('_', '-')}", name, type=Money() if money else COUNT,
+                         metavar="AMOUNT" if money else "N",
+                         help=f"limit: {name}" + (" (money, in [gateway] currency)"
+                                                  if money else ""))(f)
     return f
 
 
@@ -658,8 +714,8 @@ def add_command(name: str, models: list[str], scopes: list[str], expires: str | 
               help="output format (table)")
 @config_option(CONFIG_HELP)
 def list_command(fmt: str, config: str | None) -> int:
-    """Show every key's policy and today's (UTC) requests and tokens from the usage log.
-    Never shows a secret or digest."""
+    """Show every key's policy, today's (UTC) requests and tokens, and its spend today,
+    this month and in total, from the usage log. Never shows a secret or digest."""
     settings = load_gateway(config_path(config))
     kf = KeysFile(settings.keys_file, editing=False)
     names = list(kf.ring.by_name)
@@ -667,7 +723,7 @@ def list_command(fmt: str, config: str | None) -> int:
     now = dt.datetime.now(dt.timezone.utc)
     rows = [key_record(k, (usage or {}).get(k.name), now) for k in kf.ring.by_name.values()]
     if fmt == "json":
-        print(json.dumps(rows, indent=2))
+        print(json_with_money(rows, indent=2))  # (money as JSON numbers, every digit)
     elif not rows:
         note(PROG, f"no keys in {settings.keys_file} (add one: scripts/keys add NAME)")
     else:

@@ -13,6 +13,7 @@ import hashlib
 import ipaddress
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,14 @@ import yaml
 from keygate.model.settings import ConfigError, match_any_nocase
 from keygate.times import parse_when
 
-SCOPES = ("inference", "models", "admin")
+SCOPES = ("inference", "models", "admin", "metrics")  # docs/endpoints.md#scopes
 DEFAULT_SCOPES = frozenset({"inference", "models"})
-LIMIT_NAMES = ("rpm", "tpm", "concurrent", "requests_per_day", "tokens_per_day", "tokens_total")
+LIMIT_NAMES = ("rpm", "tpm", "concurrent", "requests_per_day", "tokens_per_day", "tokens_total",
+               "requests_per_month", "tokens_per_month",
+               "budget_per_day", "budget_per_month", "budget_total")
+# Quotas: counted by the ledger from the usage log (docs/limits.md#quotas); budgets in money.
+QUOTA_NAMES = LIMIT_NAMES[3:]
+MONEY_LIMITS = ("budget_per_day", "budget_per_month", "budget_total")
 KEY_FIELDS = {
     "key", "key_sha256", "enabled", "expires_at", "models", "scopes", "allow_ips", "limits",
 }
@@ -45,12 +51,24 @@ class Limits:
     requests_per_day: int | None = None
     tokens_per_day: int | None = None
     tokens_total: int | None = None
+    requests_per_month: int | None = None
+    tokens_per_month: int | None = None
+    budget_per_day: Decimal | None = None  # money, in [gateway] currency
+    budget_per_month: Decimal | None = None
+    budget_total: Decimal | None = None
 
     def any(self) -> bool:
         # Every request of a key asks: spelled out, not a loop over LIMIT_NAMES (6x faster).
         return not (self.rpm is None and self.tpm is None and self.concurrent is None
                     and self.requests_per_day is None and self.tokens_per_day is None
-                    and self.tokens_total is None)
+                    and self.tokens_total is None and self.requests_per_month is None
+                    and self.tokens_per_month is None and self.budget_per_day is None
+                    and self.budget_per_month is None and self.budget_total is None)
+
+    @functools.cached_property
+    def quotas(self) -> tuple[str, ...]:
+        """The names of the quotas set (QUOTA_NAMES' order): what needs the ledger."""
+        return tuple(n for n in QUOTA_NAMES if getattr(self, n) is not None)
 
 
 @dataclass(frozen=True)
@@ -364,12 +382,34 @@ def _parse_key(name: str, spec: Any, err) -> Key:
                 raise err(f"unknown limit {k!r} (known: {', '.join(LIMIT_NAMES)})", k, raw)
             if v is None:
                 continue
+            if k in MONEY_LIMITS:
+                amount = money_limit(v)
+                if amount is None:
+                    raise err(f"limit {k} must be a number >= 0 (money, in [gateway] "
+                              f"currency), not {v!r}", k, raw)
+                values[k] = amount
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise err(f"limit {k} must be a whole number >= 0, not {v!r}", k, raw)
             values[k] = v
         limits = Limits(**values)
 
     return Key(name, d, enabled, expires_at, models, scopes, allow_ips, limits)
+
+
+_MONEY_TEXT = re.compile(r"[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
+
+
+def money_limit(v: Any) -> Decimal | None:
+    """A budget as YAML gives it (5, 0.5) as an exact Decimal (a float by its shortest
+    digits, which are what was written), or None if it is not a finite number >= 0. Digits
+    in a string count too: YAML reads 1e-6 (no dot) and "0.10" as text."""
+    if isinstance(v, str) and _MONEY_TEXT.fullmatch(v.strip()):
+        return Decimal(v.strip())
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    d = Decimal(v) if isinstance(v, int) else Decimal(repr(v))
+    return d if d.is_finite() and d >= 0 else None
 
 
 @functools.lru_cache(maxsize=4096)

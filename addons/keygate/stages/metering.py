@@ -33,6 +33,7 @@ from keygate.request import state_of
 from keygate.stages.catalog import filter_running
 from keygate.stages.config import Config
 from keygate.stages.headerfields import decoded_body, get_field
+from keygate.stages.recorder import set_cost
 
 log = logging.getLogger("keygate")
 
@@ -74,6 +75,7 @@ class TokenCounts:
     finished: bool = False  # the upstream's own end marker was seen
     upstream_error: bool = False  # an {"error": ...} line or event
     frames: int = 0  # content frames passed on (streams): the estimate when counts are missing
+    cached_tokens: int = 0  # prompt tokens the upstream served from its cache, where it says
 
     def estimate(self) -> bool:
         """Whether the stream ended before the upstream's completion count, with more
@@ -107,7 +109,12 @@ def read_usage(api: str, doc: dict, tally: TokenCounts) -> None:
         usage = msg.get("usage") if isinstance(msg, dict) else doc.get("usage")
         if isinstance(usage, dict):
             if "input_tokens" in usage:
-                tally.prompt_tokens = _int(usage.get("input_tokens"))
+                # Anthropic's input_tokens leaves out the prompt tokens read from or written
+                # to its cache: they are prompt tokens all the same (docs/usage-log.md).
+                cached = _int(usage.get("cache_read_input_tokens"))
+                tally.prompt_tokens = (_int(usage.get("input_tokens")) + cached
+                                       + _int(usage.get("cache_creation_input_tokens")))
+                tally.cached_tokens = cached
             if "output_tokens" in usage:
                 tally.completion_tokens = _int(usage.get("output_tokens"))
         return
@@ -117,9 +124,13 @@ def read_usage(api: str, doc: dict, tally: TokenCounts) -> None:
     if api == "responses":
         tally.prompt_tokens = _int(usage.get("input_tokens"))
         tally.completion_tokens = _int(usage.get("output_tokens"))
+        details = usage.get("input_tokens_details")
     else:
         tally.prompt_tokens = _int(usage.get("prompt_tokens"))
         tally.completion_tokens = _int(usage.get("completion_tokens"))
+        details = usage.get("prompt_tokens_details")
+    # Cached prompt tokens, among the prompt tokens (OpenAI's usage details).
+    tally.cached_tokens = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
     if "total_tokens" in usage:
         tally.total_tokens = _int(usage.get("total_tokens"))
 
@@ -343,11 +354,19 @@ class Meter:
             state_of(flow).stream = False
             tally = self._read_body(flow)
         self._publish(flow, tally)
+        self._price(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
         tally = self.tallies.pop(flow.id, None)
         if tally is not None:
             self._publish(flow, tally)
+            self._price(flow)
+
+    def _price(self, flow: http.HTTPFlow) -> None:
+        # Once the tokens are known: the stages after this one (the Limiter's shared
+        # counters) see the cost the usage line will carry (docs/usage-log.md#cost).
+        if self.config.state is not None:
+            set_cost(flow, self.config.state.settings.prices)
 
     @staticmethod
     def _publish(flow: http.HTTPFlow, tally: TokenCounts) -> None:
@@ -359,6 +378,7 @@ class Meter:
             completion = tally.frames
             st.tokens_estimated = True
         st.prompt_tokens = tally.prompt_tokens
+        st.cached_tokens = tally.cached_tokens
         st.completion_tokens = completion
         st.total_tokens = (tally.total_tokens if tally.total_tokens and not estimated
                            else tally.prompt_tokens + completion)

@@ -54,6 +54,15 @@ class OpenAIAPI(Endpoints):
     openai_style: str  # "new" (Ollama >= 0.32.6) or "legacy"
     usage_every_chunk: bool
 
+    def _usage(self, turn: Turn) -> dict:
+        """``usage`` of a reply; with ``cached_tokens`` set, that many of its prompt tokens
+        (at most all of them) are reported as read from a cache, as OpenAI reports them."""
+        usage = turn.usage()
+        cached = getattr(self, "cached_tokens", 0)
+        if cached:
+            usage["prompt_tokens_details"] = {"cached_tokens": min(cached, turn.prompt_tokens)}
+        return usage
+
     @property
     def _fingerprint(self) -> str:
         return "fp_ollama" if self.kind == "ollama" else "fp_fake"
@@ -96,7 +105,7 @@ class OpenAIAPI(Endpoints):
                 "message": {"role": "assistant", "content": turn.text},
                 "finish_reason": turn.done_reason,
             }],
-            "usage": turn.usage(),
+            "usage": self._usage(turn),
         }
 
     def _chat_stream(self, completion_id: str, turn: Turn, include_usage: bool) -> Stream:
@@ -140,7 +149,7 @@ class OpenAIAPI(Endpoints):
                 yield chunk(choice(delta, None))
             tail = finish
             if include_usage:
-                tail += chunk([], turn.usage())
+                tail += chunk([], self._usage(turn))
             yield tail + b"data: [DONE]\n\n"
 
         return Stream(SSE, frames(), len(deltas) + 1,
@@ -181,7 +190,7 @@ class OpenAIAPI(Endpoints):
             "model": turn.model,
             "system_fingerprint": self._fingerprint,
             "choices": [{"text": turn.text, "index": 0, "finish_reason": turn.done_reason}],
-            "usage": turn.usage(),
+            "usage": self._usage(turn),
         }
 
     def _completion_stream(self, completion_id: str, turn: Turn, include_usage: bool) -> Stream:
@@ -211,7 +220,7 @@ class OpenAIAPI(Endpoints):
                 yield chunk([{"text": piece, "index": 0, "finish_reason": None}], per_chunk)
             tail = chunk([{"text": "", "index": 0, "finish_reason": turn.done_reason}], per_chunk)
             if include_usage:
-                tail += chunk([], turn.usage())
+                tail += chunk([], self._usage(turn))
             yield tail + b"data: [DONE]\n\n"
 
         return Stream(SSE, frames(), len(turn.pieces) + 1,
