@@ -127,7 +127,8 @@ HOSTILE = [
     ("GET", "/api/status"),
     ("POST", "/v1/audio/transcriptions"),
     ("POST", "/v1/messages/count_tokens"),
-    ("GET", "/metrics"),
+    ("POST", "/metrics"),  # (GET /metrics is keygate's own, never forwarded)
+    ("GET", "/metrics/"),
     ("GET", "/debug/pprof/"),
 ]
 

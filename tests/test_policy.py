@@ -110,7 +110,7 @@ def test_root_is_answered_by_keygate(method):
 @pytest.mark.parametrize("method, path", [
     ("POST", "/api/me"), ("POST", "/api/signout"), ("POST", "/api/experimental/web_search"),
     ("GET", "/api/chat"), ("POST", "//api/pull"), ("POST", "/API/pull"), ("POST", "/api/pull/"),
-    ("GET", "/v1/models/a/b"), ("GET", "/metrics"), ("OPTIONS", "/api/chat"),
+    ("GET", "/v1/models/a/b"), ("POST", "/metrics"), ("OPTIONS", "/api/chat"),
 ])
 @pytest.mark.parametrize("key", ["alice", "admin"])
 def test_unknown_endpoint_is_404_for_a_valid_key(method, path, key):

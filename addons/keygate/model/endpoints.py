@@ -2,7 +2,9 @@
 
 Paths are compared exactly as sent (no percent-decoding, no slash folding, case kept), so
 `//api/pull`, `/api/../api/pull`, `/API/pull` and `%2Fapi%2Fpull` are simply not in the
-table. Each entry says which scope opens it and how keygate treats its body.
+table. Each entry says which scope opens it and how keygate treats its body. keygate's
+own endpoints (health, usage page, /keygate/me, billing, /metrics) are in it too, marked
+`own`: answered by keygate, never forwarded.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 from keygate.request import state_of
+
+# Answered by keygate itself, never forwarded (docs/endpoints.md#keygates-own-endpoints).
+OWN_KINDS = frozenset({"root", "health", "page", "usage", "me", "billing", "metrics"})
 
 
 @dataclass(frozen=True)
@@ -23,12 +28,18 @@ class Endpoint:
     streams_by_default: bool = False
 
     @property
+    def own(self) -> bool:
+        """Answered by keygate itself, never forwarded (docs/endpoints.md)."""
+        return self.kind in OWN_KINDS
+
+    @property
     def native(self) -> bool:
         """Served only by ollama channels (docs/endpoints.md)."""
         return self.api in ("ollama", "anthropic")
 
 
 ROOT = Endpoint("/", None, "ollama", "root")
+ANY_KEY = "key"  # the scope of keygate's own endpoints that any valid key may use
 
 
 def _table() -> dict[tuple[str, str], Endpoint]:
@@ -57,6 +68,17 @@ def _table() -> dict[tuple[str, str], Endpoint]:
         add("POST", p, "admin", "ollama", "admin", streams=True)
     add("POST", "/api/copy", "admin", "ollama", "admin")
     add("DELETE", "/api/delete", "admin", "ollama", "admin")
+
+    # keygate's own endpoints (docs/endpoints.md#keygates-own-endpoints): answered by
+    # keygate/stages/pages.py and keygate/stages/metrics.py, never forwarded.
+    for p in ("/keygate/health/live", "/keygate/health/ready"):
+        t[("GET", p)] = Endpoint(p, None, "keygate", "health")
+    t[("GET", "/keygate/dashboard")] = Endpoint("/keygate/dashboard", None, "keygate", "page")
+    add("GET", "/keygate/usage", "admin", "keygate", "usage")
+    add("GET", "/keygate/me", ANY_KEY, "keygate", "me")
+    for p in ("/v1/dashboard/billing/subscription", "/v1/dashboard/billing/usage"):
+        add("GET", p, ANY_KEY, "openai", "billing")
+    add("GET", "/metrics", "metrics", "keygate", "metrics")
     return t
 
 

@@ -90,6 +90,11 @@ class Config:
         self._task: asyncio.Task | None = None
         # Only the watcher thread reads through it, one read at a time.
         self._entries = keys.EntryCache()
+        # Reloads so far, and when the configuration in force was read (Unix time): for
+        # keygate's metrics (stages/metrics.py).
+        self.reloads = 0
+        self.reload_failures = 0
+        self.loaded_at: float | None = None
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -173,6 +178,7 @@ class Config:
 
     def _swap(self, state: State) -> None:
         self.state = state
+        self.loaded_at = time.time()
         self._watched = self._fingerprints(state)
 
     async def _watch(self) -> None:
@@ -198,12 +204,15 @@ class Config:
                     read_state, ctx.options.keygate_config, False, self._entries)
             except Exception as e:  # a ConfigError, or a surprise the watcher must outlive
                 failed, retry = now, _unreadable(e)
+                self.reload_failures += 1
                 said = self._failed(e, said if again else None)
                 continue
             failed, retry, said = None, False, None
             # The fingerprints taken before the read: an edit made while it was parsed
             # (scripts/keys twice in a row) still differs from them and is read next.
             self.state, self._watched = new, now
+            self.reloads += 1
+            self.loaded_at = time.time()
             log.info(
                 "keygate: reloaded configuration (%d keys, %d channels)",
                 len(new.keys), len(new.settings.channels))

@@ -158,6 +158,8 @@ class Policy:
         if ep is not None and ep.kind == "root":
             flow.response = root_response(flow.request.method)
             return
+        if ep is not None and ep.scope is None:
+            return  # keygate's own pages that need no key: stages/pages.py answers them
         key = self.config.state.keys.by_name.get(state_of(flow).key)
         if key is None:  # only reachable if keys.yaml dropped the key a moment ago
             refuse(flow, "invalid_api_key", "Invalid API key.")
@@ -165,7 +167,7 @@ class Policy:
         if ep is None:
             refuse(flow, "unknown_endpoint", f"Unknown endpoint: {flow.request.method} {path}")
             return
-        if ep.scope not in key.scopes:
+        if ep.scope not in key.scopes and ep.scope != endpoints.ANY_KEY:
             refuse(flow, "permission_denied",
                    f"This API key may not use {flow.request.method} {ep.path}: "
                    f"it needs the '{ep.scope}' scope.")
