@@ -106,6 +106,18 @@ def main(argv: list[str] | None = None) -> int:
         "missing; ~7 minutes; bench/instructions.py)",
     )
     parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="instead: keygate with [gateway] metrics on vs off, interleaved rounds of small "
+        "requests (bench/metrics_ab.py; the target: on >= 0.97x off)",
+    )
+    parser.add_argument(
+        "--shared",
+        action="store_true",
+        help="instead: shared state (bench/perf/shared.py): keygate with Redis vs alone, "
+        "--workers 2 vs one process, Redis round trips per request (needs redis-server)",
+    )
+    parser.add_argument(
         "--time-limit",
         type=int,
         default=0,
@@ -146,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
             raise BenchError("--client wrk: wrk is not available")
         loader = Loader(procs, tmp, wrk, args.http)
         say(f"{profile.name} run, load from {loader.version}, work folder {tmp}")
+        if args.shared:
+            return _shared(Bench(profile, procs, tmp, loader), args.json)
+        if args.metrics:
+            return _metrics(profile, procs, tmp, loader, args.json)
         busy0, own0, wall0 = cpu_busy_seconds(), own_cpu_seconds(), time.monotonic()
         results = Bench(profile, procs, tmp, loader).run()
         signal.alarm(0)
@@ -175,6 +191,28 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     return rc
+
+
+def _shared(bench: Bench, json_file: str | None) -> int:
+    from perf import shared
+
+    shared.measure(bench)
+    signal.alarm(0)
+    print(shared.report(bench.results), flush=True)
+    write_json(json_file, bench.results)
+    return 0
+
+
+def _metrics(profile, procs: Procs, tmp: Path, loader: Loader, json_file: str | None) -> int:
+    import metrics_ab  # bench/metrics_ab.py, beside this file
+
+    say("keygate with metrics on vs off")
+    results = metrics_ab.run(procs, tmp, loader, rounds=max(4, 2 * profile.request_rounds),
+                             duration=profile.duration, warmup=profile.warmup, say=say)
+    signal.alarm(0)
+    print(metrics_ab.report(results), flush=True)
+    write_json(json_file, results)
+    return 0
 
 
 def _instructions(procs: Procs, tmp: Path, json_file: str | None) -> int:

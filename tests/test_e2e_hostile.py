@@ -50,6 +50,7 @@ from helpers.hostile import (
     rss_mb,
     send_raw,
 )
+from keygate.model.settings import model_name_problem
 
 MODELS = ("llama3.2:*",)
 USER = KeySpec("user", settings={"models": list(MODELS)})
@@ -518,7 +519,7 @@ def test_hostile_bodies(hg, path, body, framing, ctype):
     if path == "/api/show" and not model:
         model = doc.get("name")
     odd = any(go_would_read_as(k, name) for k in doc for name in INSPECTED)
-    if not isinstance(model, str) or not model or odd:
+    if not isinstance(model, str) or not model or odd or model_name_problem(model):
         assert (r.status, r.error_code) == (400, "invalid_request"), (sent[:200], r)
     elif not model_allowed(model, MODELS):
         assert (r.status, r.error_code) == (403, "permission_denied"), (sent[:200], r)

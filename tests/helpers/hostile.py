@@ -57,10 +57,13 @@ def model_allowed(name: object, patterns: tuple[str, ...]) -> bool:
     cloud names are never allowed here (no channel serves them in these tests)."""
     if not isinstance(name, str) or not name:
         return False
-    if name.endswith(":cloud") or name.endswith("-cloud"):
+    if name.lower().endswith(":cloud") or name.lower().endswith("-cloud"):
         return False
+    # Without regard to case, as Ollama resolves names (docs/configuration.md).
+    name = name.lower()
     tagged = name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(tagged, p) for p in patterns)
+    return any(fnmatch.fnmatchcase(name, p.lower()) or fnmatch.fnmatchcase(tagged, p.lower())
+               for p in patterns)
 
 
 def go_would_read_as(key: str, name: str) -> bool:
@@ -173,8 +176,9 @@ class Reply:
     def from_edge(self) -> bool:
         """keygate's answer where mitmproxy's HTTP/1 layer ends a request before any
         addon could (a head it cannot parse, a body over body_size_limit): keygate's
-        shape and code, but no request id, which only the flow's addons know."""
-        return (self.status is not None and self.request_id is None
+        shape and code, the connection closed; a request id only where mitmproxy had
+        formed a flow."""
+        return (self.status is not None and self.header("connection") == "close"
                 and self.error_code in ("invalid_request", "request_too_large",
                                         "upstream_error")
                 and self.header("server") is None)

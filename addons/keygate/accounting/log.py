@@ -31,10 +31,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 import orjson
+
+from keygate.model.prices import money_text
 
 log = logging.getLogger("keygate")
 
@@ -77,6 +80,25 @@ def log_files(path: Path, keep: int | None = None) -> list[Path]:
     return [p for p in candidates + [path] if p.is_file()]
 
 
+def log_family(path: Path) -> list[Path]:
+    """The live logs of `path`'s folder that belong together: `usage.jsonl` and the
+    per-worker `usage-<instance>.jsonl` of `keygate serve --workers` beside it
+    (docs/shared-state.md), each with its own rotated files (`log_files`). `path` itself
+    comes first, present or not."""
+    path = Path(path)
+    out = [path]
+    prefix, suffix = path.stem + "-", path.suffix
+    try:
+        names = sorted(p.name for p in path.parent.iterdir())
+    except OSError:
+        return out
+    for name in names:
+        if name.startswith(prefix) and name.endswith(suffix) and len(name) > len(
+                prefix) + len(suffix) and (path.parent / name).is_file():
+            out.append(path.with_name(name))
+    return out
+
+
 # --------------------------------------------------------------------------- serialising
 #
 # orjson writes and reads these lines faster than the json module: a record in ~1 us
@@ -99,14 +121,38 @@ def _escape(m: re.Match) -> str:
     return f"\\u{ord(m.group()):04x}"
 
 
+def _default(value: Any) -> Any:
+    """What orjson writes for a value it does not know: a Decimal (a cost) as the number
+    with its exact digits (docs/usage-log.md#cost), anything else as text."""
+    if type(value) is Decimal and value.is_finite():
+        return orjson.Fragment(money_text(value))
+    return str(value)
+
+
+def _dumps_exact(record: dict) -> str:
+    """json.dumps of a record, its Decimals as numbers with their exact digits (the json
+    module writes a Decimal only as text: each is written as a placeholder no string in
+    the record holds, then the placeholder's quoted form is replaced by the digits)."""
+    numbers = {k: v for k, v in record.items() if type(v) is Decimal and v.is_finite()}
+    if not numbers:
+        return json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str)
+    mark = "\x00" + os.urandom(8).hex()
+    text = json.dumps({k: f"{mark}{k}" if k in numbers else v for k, v in record.items()},
+                      separators=(",", ":"), ensure_ascii=False, default=str)
+    for k, v in numbers.items():
+        text = text.replace(json.dumps(f"{mark}{k}", ensure_ascii=False), money_text(v), 1)
+    return text
+
+
 def encode(record: dict) -> bytes:
-    """One log line. Never fails on an odd value: `default=str` turns it into text (a
-    Path, an object); lone surrogates become JSON `\\udcXX` escapes, and the characters
-    of _UNSAFE `\\uXXXX` escapes (a line of ASCII, nearly all of them, is not looked at)."""
+    """One log line. Never fails on an odd value: a Decimal is written as a number with
+    its exact digits, anything else orjson does not know as text (a Path, an object);
+    lone surrogates become JSON `\\udcXX` escapes, and the characters of _UNSAFE
+    `\\uXXXX` escapes (a line of ASCII, nearly all of them, is not looked at)."""
     try:
-        line = orjson.dumps(record, default=str, option=orjson.OPT_APPEND_NEWLINE)
+        line = orjson.dumps(record, default=_default, option=orjson.OPT_APPEND_NEWLINE)
     except TypeError:  # (orjson.JSONEncodeError is one)
-        text = json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str)
+        text = _dumps_exact(record)
         line = text.encode("utf-8", "backslashreplace") + b"\n"
     if line.isascii() and b"\x7f" not in line:  # (DEL is ASCII, and unsafe)
         return line
@@ -129,12 +175,41 @@ class ReadResult:
 def parse_line(line: bytes) -> dict | None:
     """The record on one line, or None. The definition every reader follows: a line counts
     iff it is valid UTF-8 and `json.loads` makes a dict of it (nested too deep for it is
-    garbage too)."""
+    garbage too). A numeric `cost` comes back as the Decimal the line spells (exact_cost)."""
     try:
         obj = json.loads(line.decode("utf-8"))
     except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
         return None
-    return obj if type(obj) is dict else None
+    if type(obj) is not dict:
+        return None
+    if type(obj.get("cost")) is float:
+        obj["cost"] = exact_cost(line, obj["cost"])
+    return obj
+
+
+# A cost is money: a reader takes its digits from the line, not the nearest float, so that
+# a sum of a million lines is the sum of what they say (docs/usage-log.md#cost).
+_COST_DIGITS = re.compile(rb"[ \t]*(-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)")
+
+
+def exact_cost(line: bytes, value: float) -> Decimal:
+    """The `cost` of a record as the digits its line holds, where a JSON parser read a
+    float `value`: those after the line's last `"cost":` (a string cannot hold that
+    sequence unescaped), where they end the line or else match `value`; failing that, the
+    float's own shortest digits."""
+    at = line.rfind(b'"cost":')
+    if at >= 0:
+        if line[-1] == 0x7D:
+            # keygate writes cost last. In a valid JSON line that ends with `"cost":` and
+            # a number, then "}", that member is the outer object's own: its digits.
+            try:
+                return Decimal(line[at + 7:-1].decode())
+            except (ArithmeticError, ValueError):
+                pass
+        m = _COST_DIGITS.match(line, at + 7)
+        if m is not None and float(m[1]) == value:  # (both correctly rounded: one number)
+            return Decimal(m[1].decode())
+    return Decimal(repr(value))
 
 
 # orjson reads an integer beyond 64 bits as a float; the json module keeps it an int. Such
@@ -173,6 +248,8 @@ def scan_lines(data: bytes, sink: Callable[[dict], Any]) -> int:
                 if line.strip():
                     bad += 1
                 continue
+        elif type(obj.get("cost")) is float:
+            obj["cost"] = exact_cost(line, obj["cost"])
         sink(obj)
     return bad
 
@@ -427,10 +504,23 @@ class UsageWriter:
         self._dropped = 0
         self._dirty = False
         self._last_checkpoint = time.monotonic()
+        # Read by keygate's metrics and readiness (stages/metrics.py, stages/pages.py).
+        self.write_errors = 0  # failed writes so far
+        self.dropped_total = 0  # records lost to a full backlog so far
         self._thread = threading.Thread(target=self._run, name="keygate-usagelog", daemon=True)
         self._thread.start()
 
     # ---- caller side
+
+    @property
+    def backlog(self) -> int:
+        """Records queued or held, not yet written (approximate: read from another thread)."""
+        return len(self._pending) + self._queue.qsize()
+
+    @property
+    def failing(self) -> bool:
+        """The last write failed (the disk is full, say): lines are held in memory."""
+        return self._failing
 
     def write(self, record: dict) -> None:
         if self._closed:
@@ -524,6 +614,7 @@ class UsageWriter:
                 log.error("keygate: usage log backlog full (%d records): dropping the oldest "
                           "until %s can be written", self._backlog_limit, self._file.target.path)
             self._dropped += 1
+            self.dropped_total += 1
 
     def _flush(self, force: bool = False) -> bool:
         """Try to write the backlog (not before the retry time unless forced); True if done."""
@@ -551,6 +642,7 @@ class UsageWriter:
         return True
 
     def _failed(self, e: OSError) -> None:
+        self.write_errors += 1
         self._next_try = time.monotonic() + self._retry_interval
         if not self._failing:
             self._failing = True

@@ -1,12 +1,14 @@
 """`keygate serve` (scripts/serve): run keygate, that is mitmdump in reverse-proxy mode with
 keygate's addons (README.md, Commands).
 
-    keygate serve [--listen HOST:PORT] [--upstream URL] [--demo] [--config PATH] [-- MITMDUMP ARGS]
+    keygate serve [--listen HOST:PORT] [--upstream URL] [--demo] [--config PATH] [--workers N]
+                  [-- MITMDUMP ARGS]
 
 First run: the default config/gateway.toml and the keys file it names are written from the
 commented examples beside it, and a keys file without keys gets a first key, printed once
 on stderr. `--demo` also starts the bundled demo upstream (a small Ollama look-alike), so
-keygate can be tried on a machine without Ollama.
+keygate can be tried on a machine without Ollama. `--workers N` runs N mitmdump processes on
+the one port, sharing limits through Redis (keygate/cli/workers.py; it needs redis_url).
 
 mitmdump runs in this process (mitmproxy.tools.main.mitmdump), so there is no second
 program to find on PATH and no signal to pass on: mitmproxy's own SIGTERM and SIGINT
@@ -167,6 +169,20 @@ def mitmdump_args(upstream: str, host: str, port: int, script: Path, config: Pat
     ]
 
 
+def needs_redis(config: Path, workers: int) -> None:
+    """Several workers only with shared counters: each would otherwise enforce every key's
+    limits on its own, multiplying them."""
+    try:
+        settings = load_settings(config)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    if not settings.redis_url:
+        raise UserError(
+            f"--workers {workers} needs [gateway] redis_url (or redis_url_env) in {config}: "
+            "without counters shared through Redis, every worker would enforce each key's "
+            f"limits on its own, {workers} times over (docs/shared-state.md)")
+
+
 def _stopped(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
@@ -192,8 +208,12 @@ class ServeCommand(Command):
               help="also start the bundled demo upstream and send requests there")
 @click.option("--config", metavar="PATH",
               help=f"gateway.toml (default: $KEYGATE_CONFIG, else {DEFAULT_CONFIG})")
+@click.option("--workers", default=1, show_default=True, metavar="N",
+              type=click.IntRange(1, 256),
+              help="mitmdump processes on the one port (more than 1 needs redis_url)")
 @click.pass_context
-def cli(ctx: click.Context, listen: str, upstream: str, demo: bool, config: str | None) -> int:
+def cli(ctx: click.Context, listen: str, upstream: str, demo: bool, config: str | None,
+        workers: int) -> int:
     """Run keygate: mitmdump in reverse-proxy mode with keygate's addons, block_global=false,
     connection_strategy=lazy and a confdir of its own.
 
@@ -205,6 +225,8 @@ def cli(ctx: click.Context, listen: str, upstream: str, demo: bool, config: str 
     script = gateway_script()
     path = config_path(config)
     keys_file = first_run(path)
+    if workers > 1:
+        needs_redis(path, workers)
     first_key(path, keys_file, listen)
 
     for stream in (sys.stdout, sys.stderr):
@@ -219,10 +241,15 @@ def cli(ctx: click.Context, listen: str, upstream: str, demo: bool, config: str 
             demo_proc, upstream = start_demo()
         confdir = CHECKOUT / ".keygate" / "mitmproxy"
         confdir.mkdir(parents=True, exist_ok=True)
+        extra = ctx.meta.get(PASSTHROUGH, [])
+        if workers > 1:
+            from keygate.cli.workers import serve_workers
+
+            return serve_workers(workers, host, port, lambda p: mitmdump_args(
+                upstream, host, p, script, path, confdir, extra))
         from mitmproxy.tools.main import mitmdump
 
-        mitmdump(mitmdump_args(upstream, host, port, script, path, confdir,
-                               ctx.meta.get(PASSTHROUGH, [])))
+        mitmdump(mitmdump_args(upstream, host, port, script, path, confdir, extra))
     finally:
         signal.signal(signal.SIGTERM, previous)
         if demo_proc is not None:

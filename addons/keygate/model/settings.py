@@ -16,10 +16,13 @@ import re
 import socket
 import tomllib
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 from urllib.parse import urlsplit
+
+from keygate.model.prices import DEFAULT_CURRENCY, PriceList, parse_currency, parse_prices
 
 CHECKOUT = Path(__file__).resolve().parents[3]  # addons/keygate/model/settings.py -> the checkout
 DEFAULT_CONFIG = CHECKOUT / "config" / "gateway.toml"
@@ -151,7 +154,16 @@ class Settings:
     cors_origins: frozenset[str] = frozenset()
     instance: str = ""
     """This process's name in usage lines ([gateway] instance); see `instance_name`."""
+    metrics: bool = True
+    """GET /metrics answers, and requests are counted for it ([gateway] metrics)."""
+    redis_url: str = field(default="", repr=False)
+    """Shared counters ([gateway] redis_url, or the variable redis_url_env names): empty
+    for this process alone (docs/shared-state.md). It may hold a password: never logged."""
+    redis_failure: str = "closed"
+    """What limits do while Redis is unreachable: "closed" (503) or "local"."""
     channels: tuple[Channel, ...] = ()
+    prices: PriceList = field(default_factory=PriceList)
+    """[[prices]] and [gateway] currency (docs/configuration.md#prices)."""
 
 
 def instance_name(configured: str, environ: Mapping[str, str] = os.environ) -> str:
@@ -198,7 +210,7 @@ def parse_settings(text: str, path: Path, environ: Mapping[str, str] = os.enviro
         raise ConfigError(f"{path}: {e}") from e
     where = _Locator(text, path)
 
-    unknown = set(doc) - {"gateway", "channels"}
+    unknown = set(doc) - {"gateway", "channels", "prices"}
     if unknown:
         raise where.error(f"unknown table {sorted(unknown)[0]!r}", sorted(unknown)[0])
     gw = doc.get("gateway", {})
@@ -208,7 +220,9 @@ def parse_settings(text: str, path: Path, environ: Mapping[str, str] = os.enviro
         "keys_file", "usage_log", "usage_log_max_mb", "usage_log_keep", "max_body_mb",
         "max_header_kb", "max_keep_alive_s",
         "upstream_timeout_s", "client_header_timeout_s", "client_body_timeout_s",
-        "trusted_proxies", "cors_origins", "instance",
+        "trusted_proxies", "cors_origins", "instance", "currency",
+        "redis_url", "redis_url_env", "redis_failure",
+        "metrics",
     }
     for k in gw:
         if k not in known:
@@ -262,11 +276,31 @@ def parse_settings(text: str, path: Path, environ: Mapping[str, str] = os.enviro
         raise where.error("instance must be up to 64 letters, digits or . _ : / -, "
                           f"not {instance!r}", "instance")
     channels = _parse_channels(doc.get("channels", []), where, environ)
+    metrics = gw.get("metrics", True)
+    if not isinstance(metrics, bool):
+        raise where.error(f"metrics must be true or false, not {metrics!r}", "metrics")
+    try:
+        currency = parse_currency(gw.get("currency", DEFAULT_CURRENCY))
+    except ValueError as e:
+        raise where.error(str(e), "currency") from None
+    prices = PriceList(currency=currency)
+    if "prices" in doc:
+        # Read again with decimal floats: a price is exact (0.27 is not 0.27000000000000002).
+        exact = tomllib.loads(text, parse_float=Decimal)["prices"]
+        prices = parse_prices(exact, text, path, currency, tuple(c.name for c in channels))
+    redis_url = _redis_url(gw, where, environ)
+    redis_failure = gw.get("redis_failure", "closed")
+    if redis_failure not in REDIS_FAILURE:
+        raise where.error(f"redis_failure must be one of {', '.join(REDIS_FAILURE)}, not "
+                          f"{redis_failure!r}", "redis_failure")
+    usage_log = file_setting("usage_log", "../logs/usage.jsonl")
+    if environ.get("KEYGATE_WORKER"):
+        usage_log = instance_log(usage_log, instance_name(instance, environ))
 
     return Settings(
         path=path,
         keys_file=file_setting("keys_file", "keys.yaml"),
-        usage_log=file_setting("usage_log", "../logs/usage.jsonl"),
+        usage_log=usage_log,
         usage_log_max_bytes=max(1, int(max_mb * MB)),
         usage_log_keep=int(number("usage_log_keep", 10, 0, integer=True)),
         max_body_bytes=int(number("max_body_mb", 32, 0.001) * MB),
@@ -279,8 +313,66 @@ def parse_settings(text: str, path: Path, environ: Mapping[str, str] = os.enviro
         trusted_proxies=tuple(proxies),
         cors_origins=frozenset(origins),
         instance=instance,
+        metrics=metrics,
+        redis_url=redis_url,
+        redis_failure=redis_failure,
         channels=channels,
+        prices=prices,
     )
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+REDIS_FAILURE = ("closed", "local")
+
+
+def redis_url_problem(url: str) -> str | None:
+    """Why `url` is not a Redis URL keygate can use, or None. The message never repeats
+    the URL: it may hold a password."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises on a port that is not a number)
+    except ValueError as e:
+        return f"does not parse ({str(e).split(':')[0]})"
+    if parts.scheme not in REDIS_SCHEMES:
+        return "must start with redis://, rediss:// or unix://"
+    if parts.scheme == "unix":
+        return None if parts.path else "needs the socket's path (unix:///run/redis.sock)"
+    if not parts.hostname:
+        return "needs a host (redis://HOST:6379/0)"
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        return f"database must be a number, not {db[:20]!r}"
+    return None
+
+
+def _redis_url(gw: dict, where: "_Locator", environ: Mapping[str, str]) -> str:
+    """[gateway] redis_url, or the URL in the variable redis_url_env names; "" for none."""
+    url, env = gw.get("redis_url", ""), gw.get("redis_url_env")
+    if not isinstance(url, str):
+        raise where.error("redis_url must be a string", "redis_url")
+    if env is not None:
+        if not isinstance(env, str) or not env:
+            raise where.error("redis_url_env must name an environment variable",
+                              "redis_url_env")
+        if url:
+            raise where.error("set redis_url or redis_url_env, not both", "redis_url_env")
+        url = environ.get(env, "")
+        if not url:
+            raise where.error(f"environment variable {env} (redis_url_env) is not set",
+                              "redis_url_env")
+    problem = redis_url_problem(url) if url else None
+    if problem:
+        name = "redis_url_env" if env is not None else "redis_url"
+        raise where.error(f"{name}: the Redis URL {problem}", name)
+    return url
+
+
+def instance_log(usage_log: Path, instance: str) -> Path:
+    """The usage log of one worker of `keygate serve --workers`: usage.jsonl ->
+    usage-<instance>.jsonl in the same folder, the instance made safe for a file name
+    ("gpu1/2" -> "gpu1-2"). `log_family` finds them all again."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "-", instance)
+    return usage_log.with_name(f"{usage_log.stem}-{safe}{usage_log.suffix}")
 
 
 def _parse_channels(raw: Any, where: "_Locator", environ: Mapping[str, str]) -> tuple[Channel, ...]:

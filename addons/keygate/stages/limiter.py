@@ -2,15 +2,17 @@
 
 Counters count requests keygate forwards: the check runs after the router has admitted a
 request, and a refusal takes the admission back. Rolling windows (rpm, tpm) live here in
-memory; day and lifetime quotas come from the usage ledger, which is rebuilt from the log,
-so they survive restarts. Everything a check touches is per key: O(1) in the number of keys.
+memory; day, month and lifetime quotas, budgets in money among them, come from the usage
+ledger, which is rebuilt from the log, so they survive restarts (QUOTAS: one table of
+them). Everything a check touches is per key: O(1) in the number of keys.
 
 Token quotas under concurrency. A request's tokens are known only when it ends, so a check
 against the tokens already counted alone would let through every request that arrives
-while the first ones are still running. So each request of a key with tpm, tokens_per_day
-or tokens_total holds a reservation while it is in flight: e tokens, the key's recent mean
-per request (an exponentially weighted mean over this process's finished requests of the
-key that reported tokens, rounded up, so at least 1; FIRST_ESTIMATE before the first).
+while the first ones are still running. So each request of a key with tpm or a token
+quota (per day, per month, total) holds a reservation while it is in flight: e tokens, the
+key's recent mean per request (an exponentially weighted mean over this process's finished
+requests of the key that reported tokens, rounded up, so at least 1; FIRST_ESTIMATE before
+the first).
 Reservations count against each of those quotas until their request ends (response,
 error, client gone, refused after all), when the real count replaces them. A request is
 admitted only while
@@ -44,15 +46,18 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable
+from dataclasses import dataclass
 
 from mitmproxy import http
 
 from keygate.model.errors import refuse
 from keygate.model.keyring import Limits
+from keygate.model.prices import money_text
 from keygate.request import state_of
 from keygate.stages.config import Config
 from keygate.stages.headerfields import set_fields
 from keygate.stages.recorder import Recorder
+from keygate.stages.shared import Shared
 
 WINDOW = 60.0
 FIRST_ESTIMATE = 1024  # tokens reserved per request of a key with no finished request yet
@@ -101,6 +106,54 @@ def _window(windows: dict[str, RollingWindow], name: str) -> RollingWindow:
     return w
 
 
+@dataclass(frozen=True)
+class Quota:
+    """One quota of docs/limits.md#quotas: what it counts, over which period, the Ledger
+    query that says how much of it is used, and what a refusal says."""
+
+    counter: str  # "requests", "tokens" or "money" (the usage lines' cost)
+    period: str  # "day" and "month" (UTC; the query takes "YYYY-MM-DD" or "YYYY-MM"), "total"
+    used: str  # the Ledger method: (key, period) or, for "total", (key)
+    message: str  # with {limit} and {currency}
+    held: str = ""  # for token quotas: the quota named while reservations hold it
+
+
+# Every quota of a key, by its limit's name (keyring.QUOTA_NAMES, checked in that order).
+QUOTAS = {
+    "requests_per_day": Quota("requests", "day", "requests_on",
+                              "Daily request quota used up ({limit} per UTC day)."),
+    "tokens_per_day": Quota("tokens", "day", "tokens_on",
+                            "Daily token quota used up ({limit} per UTC day).",
+                            "{limit} per UTC day"),
+    "tokens_total": Quota("tokens", "total", "tokens_total",
+                          "Token quota used up ({limit} tokens in total).",
+                          "{limit} tokens in total"),
+    "requests_per_month": Quota("requests", "month", "requests_in_month",
+                                "Monthly request quota used up ({limit} per UTC month)."),
+    "tokens_per_month": Quota("tokens", "month", "tokens_in_month",
+                              "Monthly token quota used up ({limit} per UTC month).",
+                              "{limit} per UTC month"),
+    "budget_per_day": Quota("money", "day", "spent_on",
+                            "Daily budget used up ({limit} {currency} per UTC day)."),
+    "budget_per_month": Quota("money", "month", "spent_in_month",
+                              "Monthly budget used up ({limit} {currency} per UTC month)."),
+    "budget_total": Quota("money", "total", "spent_total",
+                          "Budget used up ({limit} {currency} in total)."),
+}
+
+
+def seconds_to_next_utc_month(now: float) -> float:
+    t = dt.datetime.fromtimestamp(now, dt.timezone.utc)
+    first = (t.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+             + dt.timedelta(days=32)).replace(day=1)
+    return (first - t).total_seconds()
+
+
+def utc_month(now: float) -> str:
+    """The UTC month of a Unix time as "YYYY-MM"."""
+    return utc_day(now)[:7]
+
+
 def seconds_to_utc_midnight(now: float) -> float:
     t = dt.datetime.fromtimestamp(now, dt.timezone.utc)
     midnight = (t + dt.timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -123,10 +176,15 @@ def retry_after(seconds: float) -> str:
 
 
 class Limiter:
-    def __init__(self, config: Config, usage: Recorder, clock=time.time) -> None:
+    def __init__(self, config: Config, usage: Recorder, clock=time.time,
+                 shared: Shared | None = None) -> None:
         self.config = config
         self.usage = usage
         self.clock = clock
+        # With redis_url: counters shared by every keygate process (stages/shared.py);
+        # the flows counted there rather than here, by flow id.
+        self.shared = shared
+        self.remote: set[str] = set()
         self.requests: dict[str, RollingWindow] = {}
         self.tokens: dict[str, RollingWindow] = {}
         self.inflight: dict[str, int] = {}
@@ -146,10 +204,10 @@ class Limiter:
         if key is None:
             return
         lim = key.limits
+        if self.shared is not None and self.shared.counters is not None and lim.any():
+            return self._shared_admit(flow, name, lim)
         ready = getattr(self.usage, "ready", None)
-        if ready is not None and not ready.is_set() and (
-                lim.requests_per_day is not None or lim.tokens_per_day is not None
-                or lim.tokens_total is not None):
+        if ready is not None and not ready.is_set() and lim.quotas:
             # Quotas need the counters rebuilt from the log: this key waits for them
             # (only at start-up; keys without quotas are served meanwhile).
             return self._after_ready(flow, ready)
@@ -215,29 +273,26 @@ class Limiter:
             if reserved and w.total + reserved >= lim.tpm:
                 held = f"{lim.tpm} tokens per minute"
         ledger = self.usage.ledger
-        if lim.requests_per_day is not None or lim.tokens_per_day is not None:
-            day = utc_day(now)
-            if lim.requests_per_day is not None and (
-                    ledger.requests_on(name, day) + self.inflight.get(name, 0)
-                    >= lim.requests_per_day):
-                return ("insufficient_quota",
-                        f"Daily request quota used up ({lim.requests_per_day} per UTC day).",
-                        seconds_to_utc_midnight(now))
-            if lim.tokens_per_day is not None:
-                used = ledger.tokens_on(name, day)
-                if used >= lim.tokens_per_day:
-                    return ("insufficient_quota",
-                            f"Daily token quota used up ({lim.tokens_per_day} per UTC day).",
-                            seconds_to_utc_midnight(now))
-                if reserved and held is None and used + reserved >= lim.tokens_per_day:
-                    held = f"{lim.tokens_per_day} per UTC day"
-        if lim.tokens_total is not None:
-            used = ledger.tokens_total(name)
-            if used >= lim.tokens_total:
-                return ("insufficient_quota",
-                        f"Token quota used up ({lim.tokens_total} tokens in total).", None)
-            if reserved and held is None and used + reserved >= lim.tokens_total:
-                held = f"{lim.tokens_total} tokens in total"
+        for limit_name in lim.quotas:
+            q = QUOTAS[limit_name]
+            limit = getattr(lim, limit_name)
+            if q.period == "total":
+                used = getattr(ledger, q.used)(name)
+            else:
+                used = getattr(ledger, q.used)(name, utc_day(now) if q.period == "day"
+                                               else utc_month(now))
+            if q.counter == "requests":
+                used += self.inflight.get(name, 0)  # (those in flight are not in the log yet)
+            if used >= limit:
+                return ("insufficient_quota", q.message.format(
+                    limit=money_text(limit) if q.counter == "money" else limit,
+                    currency=self.config.state.settings.prices.currency),
+                    None if q.period == "total" else
+                    seconds_to_utc_midnight(now) if q.period == "day" else
+                    seconds_to_next_utc_month(now))
+            if (q.counter == "tokens" and reserved and held is None
+                    and used + reserved >= limit):
+                held = q.held.format(limit=limit)
         if held is not None:
             # Not used up, but spoken for: admitted once those requests have ended and
             # their real counts are known.
@@ -249,7 +304,8 @@ class Limiter:
     def reservation(self, name: str, lim: Limits) -> int:
         """The tokens a request of this key reserves while in flight: 0 without token quotas,
         else the key's recent mean per request rounded up (FIRST_ESTIMATE before any)."""
-        if lim.tpm is None and lim.tokens_per_day is None and lim.tokens_total is None:
+        if (lim.tpm is None and lim.tokens_per_day is None and lim.tokens_total is None
+                and lim.tokens_per_month is None):
             return 0
         mean = self.estimates.get(name)
         return FIRST_ESTIMATE if mean is None else max(1, math.ceil(mean))
@@ -327,4 +383,82 @@ class Limiter:
         st = state_of(flow)
         if st.counted:
             reserved, st.counted, st.reserved = st.reserved, False, 0
+            if flow.id in self.remote:
+                self.remote.discard(flow.id)
+                self._shared_settle(flow, reserved)
+                return
             self.finish(st.key, st.total_tokens or 0, self.clock(), reserved)
+            counters = self.shared.counters if self.shared is not None else None
+            if counters is not None and self._limits(st.key).any():
+                # Admitted here while Redis was unreachable ("local"): Redis' day, month
+                # and lifetime counters get it once Redis answers.
+                self._shared_settle(flow, reserved, local=True)
+
+    # -- counters shared through Redis (docs/shared-state.md) ------------------------------
+
+    async def _shared_admit(self, flow: http.HTTPFlow, name: str, lim: Limits) -> None:
+        from keygate.accounting.shared import ADMITTED, Unavailable
+        from keygate.stages.shared import quota_checks, refusal
+
+        counters = self.shared.counters
+        st = state_of(flow)
+        reserve = self.reservation(name, lim)
+        checks = quota_checks(lim)
+        now = self.clock()
+        try:
+            verdict = await counters.admit(
+                name, st.id or flow.id, flow.request.timestamp_start, reserve, lim.rpm,
+                lim.tpm, lim.concurrent, [c for _, c in checks])
+        except Unavailable:
+            if self.shared.failure == "local":
+                counters.warn_local()
+                if not (flow.response or flow.error or not flow.live):
+                    self._admit_or_refuse(flow, name, lim)
+                return
+            st.admitted, st.channel, st.upstream_model = False, None, None
+            if not (flow.response or flow.error or not flow.live):
+                refuse(flow, "gateway_unavailable",
+                       "The gateway cannot reach its shared counters; retry shortly.",
+                       retry_after="1")
+            return
+        if verdict.kind != ADMITTED:
+            prices = getattr(self.config.state.settings, "prices", None)
+            code, message, wait = refusal(verdict, checks, lim, now,
+                                          getattr(prices, "currency", ""))
+            st.admitted, st.channel, st.upstream_model = False, None, None
+            if not (flow.response or flow.error or not flow.live):
+                headers = {"retry_after": retry_after(wait)} if wait is not None else {}
+                refuse(flow, code, message, **headers)
+            return
+        st.counted, st.reserved = True, reserve
+        self.remote.add(flow.id)
+        self.counted[flow.id] = flow
+        if flow.error or not flow.live:
+            self._end(flow)  # the client left while Redis answered: released at once
+            return
+        hdrs = {}
+        if lim.rpm is not None:
+            hdrs["x-ratelimit-limit-requests"] = str(lim.rpm)
+            hdrs["x-ratelimit-remaining-requests"] = str(max(0, lim.rpm - verdict.rpm_used))
+        if lim.tpm is not None:
+            hdrs["x-ratelimit-limit-tokens"] = str(lim.tpm)
+            hdrs["x-ratelimit-remaining-tokens"] = str(max(0, lim.tpm - verdict.tpm_used))
+        st.ratelimit = hdrs
+
+    def _shared_settle(self, flow: http.HTTPFlow, reserved: int, local: bool = False) -> None:
+        st = state_of(flow)
+        name = st.key
+        tokens = (st.prompt_tokens + st.completion_tokens if st.total_tokens is None
+                  else st.total_tokens) or 0
+        if reserved and tokens > 0 and not local:
+            mean = self.estimates.get(name)
+            self.estimates[name] = (
+                float(tokens) if mean is None else mean + (tokens - mean) * ESTIMATE_WEIGHT)
+        counters = self.shared.counters
+        if counters is None:  # stopped, or redis_url taken out: nothing to settle with
+            return
+        cost = getattr(st, "cost", None)
+        counters.settle(
+            name, st.id or flow.id, flow.request.timestamp_start, tokens,
+            self._limits(name).tpm is not None,
+            {"c": str(cost)} if cost is not None else None, local=local)

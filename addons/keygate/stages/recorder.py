@@ -29,6 +29,7 @@ from keygate.accounting.ledger import Ledger
 from keygate.accounting.log import UsageWriter
 from keygate.model import endpoints
 from keygate.model.errors import refuse
+from keygate.model.prices import PriceList
 from keygate.model.settings import instance_name
 from keygate.request import state_of
 from keygate.stages.config import Config
@@ -129,6 +130,17 @@ def bounded(value: object, limit: int) -> object:
     return f"{value[:limit]}...[{len(value) - limit} chars cut]"
 
 
+def set_cost(flow: http.HTTPFlow, prices: PriceList) -> None:
+    """The request's cost at the prices in force now (docs/usage-log.md#cost), from its
+    exact token counts; stays None for a request that was not forwarded or that no price
+    covers. Computed when its tokens are known, just before its line is built; a later
+    price change never touches it."""
+    st = state_of(flow)
+    if st.admitted and prices.entries:
+        st.cost = prices.cost(st.model, st.channel, st.prompt_tokens, st.completion_tokens,
+                              st.cached_tokens)
+
+
 def build_record(flow: http.HTTPFlow, now: float, instance: str = "") -> dict:
     """The usage-log record (docs/usage-log.md) for a finished flow; reads only its RequestState
     and the flow."""
@@ -142,8 +154,8 @@ def build_record(flow: http.HTTPFlow, now: float, instance: str = "") -> dict:
     elif client_gone(flow):
         status = 499  # nothing was sent: the client left first (nginx's convention)
     else:
-        # mitmproxy answered with its own 502 (upstream unreachable, reset, or closed by
-        # keygate after upstream_timeout_s).
+        # The upstream failed where keygate could not answer through the flow (a streamed
+        # upload): the edge's 502 went out (keygate/edge/upstream.py answers the others).
         status = 502
         error = error or "upstream_error"
     streamed = bool(st.stream) and flow.response is not None and bool(
@@ -153,7 +165,7 @@ def build_record(flow: http.HTTPFlow, now: float, instance: str = "") -> dict:
     elif streamed:
         completed = bool(st.finished) and error != "upstream_error"
     else:
-        completed = True
+        completed = not st.upstream_failed
     start = flow.request.timestamp_start
     prompt = st.prompt_tokens
     completion = st.completion_tokens
@@ -205,6 +217,9 @@ class Recorder:
         self._log_settings: tuple | None = None
         self._inflight: dict[str, http.HTTPFlow] = {}
         self.draining = False
+        # Called with each finished request's record (and its flow, None for the edge's
+        # refusals) before it is written: the metrics and the dashboard's hourly totals.
+        self.observers: list = []
         self._instance: tuple[str, str] | None = None  # ([gateway] instance, its name)
 
     @property
@@ -334,7 +349,11 @@ class Recorder:
             return
         state_of(flow).logged = True
         request_id(flow)
-        self._record(build_record(flow, time.time(), self.instance))
+        if state_of(flow).cost is None and self.config.state is not None:
+            # (priced by the Meter when its tokens came; else, e.g. an upstream that
+            # failed before answering, here)
+            set_cost(flow, self.config.state.settings.prices)
+        self._record(build_record(flow, time.time(), self.instance), flow)
 
     def edge_refusal(self, rid: str, status: int, code: str, method: str, path: str,
                      client_ip: str) -> None:
@@ -352,7 +371,17 @@ class Recorder:
             "instance": self.instance, "failed_channels": [], "cost": None,
         })
 
-    def _record(self, record: dict) -> None:
+    @property
+    def in_flight(self) -> int:
+        """Requests whose headers passed every stage and that have not ended yet."""
+        return len(self._inflight)
+
+    def _record(self, record: dict, flow: http.HTTPFlow | None = None) -> None:
+        for observe in self.observers:
+            try:
+                observe(record, flow)
+            except Exception:  # the line must be written whatever an observer does
+                log.exception("keygate: usage record observer failed")
         writer = self.writer
         if writer is None:
             if self._held is not None:

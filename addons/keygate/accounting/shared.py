@@ -1,0 +1,624 @@
+"""Limits shared by every keygate process through Redis (docs/shared-state.md).
+
+With `[gateway] redis_url` set, each decision of the Limiter about a key with limits is
+one Lua script in Redis, so any number of keygate processes, on any number of machines,
+enforce one set of counters with the semantics of one process (docs/limits.md):
+
+- admission (`ADMIT`): drops the leases that ran out, checks concurrent, rpm, tpm and the
+  quotas in the Limiter's order, and only if all pass counts the request (in flight with a
+  lease, its reservation, its rpm event, its request in each period) -- atomically, so no
+  two processes can both take the last unit of a limit;
+- settlement (`SETTLE`): the request's real tokens (and any other amount, such as money)
+  replace its reservation, in the tpm window and in each period.
+
+Both are sent with EVALSHA, and every script call waiting in the same turn of the event
+loop goes out in one pipeline: at most one round trip for an admission and one for a
+settlement, shared by every request that needs one at that moment. The calls are awaited
+(redis-py's asyncio client, a short timeout each): the event loop never blocks.
+
+Per key K (the `{K}` hash tag keeps a key's counters on one Redis Cluster slot):
+
+    keygate:{K}:fl        sorted set: requests in flight, scored by lease expiry (ms)
+    keygate:{K}:rs        hash: request id -> its reservation ("x": its lease lapsed)
+    keygate:{K}:rsn       the reservations in flight, summed
+    keygate:{K}:lp        sorted set: lapsed requests (a late settlement still counts)
+    keygate:{K}:rq        sorted set: admissions of the last 60 s (rpm)
+    keygate:{K}:tk, tkn   sorted set of "id:tokens" of the last 60 s, and their sum (tpm)
+    keygate:{K}:d:DAY     hash r, t (and other amounts): requests and tokens of a UTC day
+    keygate:{K}:m:MONTH   the same for a UTC month
+    keygate:{K}:all       the same for the key's lifetime
+
+A request counts in its periods from admission (r) and when it ends (t): `r` includes the
+requests in flight, as the one-process check `requests_on(day) + in flight` does. The
+periods are those of the request's start, as in its usage line.
+
+A process that dies stops renewing the leases of its requests (LEASE_MS, renewed every
+RENEW_S while they run): within LEASE_MS they no longer count as in flight, and their
+reservations are released. A settlement that comes after its lease lapsed (Redis was
+unreachable meanwhile) still counts its tokens once: the request's entry stays, marked,
+for LAPSED_KEEP_MS. A settlement is applied at most once (its entry in `rs` is the mark);
+a settlement that could not be sent is kept (up to PENDING_LIMIT) and sent again once
+Redis answers.
+
+Failure: a call that fails or times out marks Redis unreachable; a probe then tries it
+every PROBE_S and the first answer brings normal service back. Meanwhile admissions are
+not sent at all: the Limiter refuses them (redis_failure = "closed") or counts them in
+the process ("local"); requests admitted locally are added to Redis' periods once it
+answers again, so the day and total counters still say what was admitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+log = logging.getLogger("keygate")
+
+PREFIX = "keygate:"
+MARKER = PREFIX + "counters"  # set once the periods hold what the logs say (restore)
+# When the first keygate process found Redis without MARKER (ms): what Redis counted from
+# then on is its own, the rebuild from the logs (accounting/restore.py) adds what was before.
+BACK = PREFIX + "counters-lost"
+BACK_MS = 600_000
+LEASE_MS = 30_000
+RENEW_S = 10.0
+LAPSED_KEEP_MS = 3_600_000
+CALL_TIMEOUT_S = 1.0  # one pipeline, admission or settlement
+CONNECT_TIMEOUT_S = 2.0
+PROBE_S = 0.5
+WARN_EVERY_S = 60.0
+PENDING_LIMIT = 100_000
+DAY_TTL_MS = 3 * 86_400_000  # a day's counters outlive it: a late settlement still lands
+MONTH_TTL_MS = 63 * 86_400_000
+
+# Verdicts of ADMIT: {0, rpm used, tpm used} admits; else what refused it.
+ADMITTED, CONCURRENT, RPM, TPM, USED_UP, HELD = 0, 1, 2, 3, 4, 5
+
+_EXPIRE_LEASES = """
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+if #gone > 0 then
+  for _, g in ipairs(gone) do
+    local r = redis.call('HGET', KEYS[2], g)
+    if r and r ~= 'x' then
+      if tonumber(r) > 0 then redis.call('DECRBY', KEYS[3], r) end
+      redis.call('HSET', KEYS[2], g, 'x')
+      redis.call('ZADD', KEYS[4], now, g)
+    end
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  local old = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now - %(keep)d)
+  for _, g in ipairs(old) do redis.call('HDEL', KEYS[2], g) end
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - %(keep)d)
+end
+""" % {"keep": LAPSED_KEEP_MS}
+
+# KEYS: fl rs rsn lp rq tk tkn, then the periods. ARGV: now id lease reserve rpm tpm
+# concurrent nperiods, a TTL per period, then the quota checks as (period index, field,
+# limit, reservations count 1/0) each. -1: no such limit.
+ADMIT = """
+local now = tonumber(ARGV[1])
+local id, lease, reserve = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local rpm, tpm, conc = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local np = tonumber(ARGV[8])
+""" + _EXPIRE_LEASES + """
+if conc >= 0 and redis.call('ZCARD', KEYS[1]) >= conc then return {1} end
+local rcount = 0
+if rpm >= 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - 60000)
+  rcount = redis.call('ZCARD', KEYS[5])
+  if rcount >= rpm then
+    local wait = 60000
+    if rpm > 0 then
+      local e = redis.call('ZRANGE', KEYS[5], rcount - rpm, rcount - rpm, 'WITHSCORES')
+      wait = tonumber(e[2]) + 60000 - now
+    end
+    return {2, wait}
+  end
+end
+local reserved = tonumber(redis.call('GET', KEYS[3]) or '0')
+local ttotal, held = 0, -1
+if tpm >= 0 then
+  local old = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now - 60000)
+  if #old > 0 then
+    local sub = 0
+    for _, m in ipairs(old) do sub = sub + tonumber(string.match(m, ':(%d+)$')) end
+    redis.call('DECRBY', KEYS[7], sub)
+    redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now - 60000)
+  end
+  ttotal = math.max(0, tonumber(redis.call('GET', KEYS[7]) or '0'))
+  if ttotal >= tpm then
+    local ev = redis.call('ZRANGE', KEYS[6], 0, -1, 'WITHSCORES')
+    local t, wait = ttotal, 60000
+    for i = 1, #ev, 2 do
+      t = t - tonumber(string.match(ev[i], ':(%d+)$'))
+      if t < tpm then wait = tonumber(ev[i + 1]) + 60000 - now; break end
+    end
+    return {3, wait}
+  end
+  if reserved > 0 and ttotal + reserved >= tpm then held = 0 end
+end
+local i, idx = 9 + np, 0
+while i + 3 <= #ARGV do
+  idx = idx + 1
+  local used = tonumber(redis.call('HGET', KEYS[7 + tonumber(ARGV[i])], ARGV[i + 1]) or '0')
+  local limit = tonumber(ARGV[i + 2])
+  if used >= limit then return {4, idx} end
+  if ARGV[i + 3] == '1' and reserved > 0 and held < 0 and used + reserved >= limit then
+    held = idx
+  end
+  i = i + 4
+end
+if held >= 0 then return {5, held} end
+redis.call('ZADD', KEYS[1], now + lease, id)
+redis.call('HSET', KEYS[2], id, reserve)
+if reserve > 0 then redis.call('INCRBY', KEYS[3], reserve) end
+if rpm >= 0 then
+  redis.call('ZADD', KEYS[5], now, id)
+  redis.call('PEXPIRE', KEYS[5], 61000)
+  rcount = rcount + 1
+end
+for p = 1, np do
+  redis.call('HINCRBY', KEYS[7 + p], 'r', 1)
+  local ttl = tonumber(ARGV[8 + p])
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[7 + p], ttl) end
+end
+return {0, rcount, ttotal}
+"""
+
+# KEYS: fl rs rsn lp tk tkn, then the periods. ARGV: now id tokens in_tpm mode nperiods,
+# a TTL per period, then (field, amount) pairs added to every period. mode "a": admitted
+# through ADMIT; "l": admitted by a process while Redis was unreachable (counts r too).
+SETTLE = """
+local now, id, tokens = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local np = tonumber(ARGV[6])
+if ARGV[5] ~= 'l' then
+  local r = redis.call('HGET', KEYS[2], id)
+  if not r then return 0 end
+  redis.call('HDEL', KEYS[2], id)
+  if r == 'x' then
+    redis.call('ZREM', KEYS[4], id)
+  else
+    redis.call('ZREM', KEYS[1], id)
+    if tonumber(r) > 0 then
+      if redis.call('DECRBY', KEYS[3], r) <= 0 then redis.call('DEL', KEYS[3]) end
+    end
+  end
+end
+if tokens > 0 and ARGV[4] == '1' then
+  redis.call('ZADD', KEYS[5], now, id .. ':' .. tokens)
+  redis.call('INCRBY', KEYS[6], tokens)
+  redis.call('PEXPIRE', KEYS[5], 61000)
+  redis.call('PEXPIRE', KEYS[6], 61000)
+end
+for p = 1, np do
+  local key = KEYS[6 + p]
+  if tokens > 0 then redis.call('HINCRBY', key, 't', tokens) end
+  if ARGV[5] == 'l' then redis.call('HINCRBY', key, 'r', 1) end
+  local i = 7 + np
+  while i + 1 <= #ARGV do
+    redis.call('HINCRBYFLOAT', key, ARGV[i], ARGV[i + 1])
+    i = i + 2
+  end
+  local ttl = tonumber(ARGV[6 + p])
+  if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
+end
+return 1
+"""
+
+# Renewal of this process's leases: ARGV expiry, then ids; KEYS[1] the key's fl.
+RENEW = """
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', ARGV[1], ARGV[i]) end
+return 1
+"""
+
+
+class Unavailable(Exception):
+    """Redis did not answer in time, or refused: the caller applies redis_failure."""
+
+
+def key_base(name: str) -> str:
+    return f"{PREFIX}{{{name}}}:"
+
+
+def periods_of(start: float) -> tuple[str, str]:
+    """(UTC day "YYYY-MM-DD", UTC month "YYYY-MM") of a request that started at `start`."""
+    day = dt.datetime.fromtimestamp(start, dt.timezone.utc).date().isoformat()
+    return day, day[:7]
+
+
+@dataclass(frozen=True)
+class Check:
+    """One quota ADMIT checks: `field` of the period (0 day, 1 month, 2 lifetime) must be
+    below `limit`; with `reserved`, the reservations in flight count too."""
+
+    period: int
+    field: str
+    limit: int | float | str
+    reserved: bool
+
+
+@dataclass
+class Verdict:
+    kind: int  # ADMITTED, CONCURRENT, RPM, TPM, USED_UP, HELD
+    wait: float | None = None  # seconds (RPM, TPM)
+    check: int = 0  # which Check refused (USED_UP, HELD; 0 for HELD by tpm), from 1
+    rpm_used: int = 0
+    tpm_used: int = 0
+
+
+class SharedCounters:
+    """The connection to Redis and the two scripts; see the module docstring. One per
+    process and Redis URL. `reachable` says whether Redis answered the last call."""
+
+    def __init__(self, url: str, clock=time.time) -> None:
+        import redis.asyncio as aioredis  # only a keygate with redis_url needs redis-py
+
+        self.clock = clock
+        self.redis = aioredis.from_url(
+            url, socket_timeout=CALL_TIMEOUT_S, socket_connect_timeout=CONNECT_TIMEOUT_S,
+            max_connections=64, health_check_interval=0)
+        self._shas: dict[str, bytes] = {}
+        self._batch: list[tuple[str, bytes, int, asyncio.Future]] = []
+        self._sending: set[asyncio.Task] = set()
+        self._parts: dict[tuple, tuple[bytes, bytes, int]] = {}
+        self._reachable = True
+        self._probe: asyncio.Task | None = None
+        self._renewer: asyncio.Task | None = None
+        self.leases: dict[str, str] = {}  # request id -> key name, admitted here
+        # Settlements to send once Redis answers: (call, its nargs, its request's start).
+        self.pending: list[tuple[bytes, int, float]] = []
+        self._warned = 0.0
+        self.round_trips = 0  # pipelines sent (the bench reports them per request)
+        self.down_since: float | None = None
+        self._back: bytes | None = None  # BACK, as this process found it set
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def reachable(self) -> bool:
+        """Whether Redis answered the last call (for /keygate/health/ready)."""
+        return self._reachable
+
+    def start(self, answered: bool = True) -> None:
+        """Renew leases from now on; `answered`: whether Redis answered so far (if not,
+        the probe starts at once)."""
+        if self._renewer is None:
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_loop())
+        if not answered:
+            # (Not an error line: at start-up mitmdump exits on one.)
+            self._lost(None)
+
+    async def close(self) -> None:
+        for task in (self._renewer, self._probe):
+            if task is not None:
+                task.cancel()
+        self._renewer = self._probe = None
+        self._flush()
+        if self._sending:  # the last settlements go out before the connection closes
+            await asyncio.wait(list(self._sending), timeout=CALL_TIMEOUT_S * 2)
+        if self.pending and self._reachable:
+            try:
+                await asyncio.wait_for(self._send_pending(), CALL_TIMEOUT_S * 2)
+            except Exception:
+                pass
+        try:
+            await self.redis.aclose()
+        except Exception:  # closing a connection that already broke
+            pass
+
+    def _lost(self, e: BaseException | None) -> None:
+        """Redis did not answer (`e`; None at start-up, where it was said already)."""
+        if self._reachable:
+            self._reachable = False
+            self.down_since = time.monotonic()
+            if e is not None:
+                log.error("keygate: Redis unreachable (%s); limits follow redis_failure until "
+                          "it answers again", _describe(e))
+            self._warned = time.monotonic()
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._probe_loop())
+
+    def warn_local(self) -> None:
+        """A warning each minute while limits are counted in this process alone."""
+        now = time.monotonic()
+        if now - self._warned >= WARN_EVERY_S:
+            self._warned = now
+            log.warning("keygate: Redis still unreachable; limits are counted by this "
+                        "process alone (redis_failure = \"local\")")
+
+    async def _probe_loop(self) -> None:
+        while not self._reachable:
+            await asyncio.sleep(PROBE_S)
+            try:
+                await asyncio.wait_for(self.redis.ping(), CALL_TIMEOUT_S)
+                await asyncio.wait_for(self._load_scripts(), CALL_TIMEOUT_S)
+                kept = await asyncio.wait_for(self.mark_lost(), CALL_TIMEOUT_S)
+            except Exception:
+                continue
+            self._reachable = True
+            log.info("keygate: Redis answers again (after %.1f s)",
+                     time.monotonic() - (self.down_since or time.monotonic()))
+            self.down_since = None
+            if not kept and self.pending:
+                await self._after_rebuild()
+            await self._send_pending()
+
+    async def mark_lost(self) -> bool:
+        """Whether Redis still has its counters (MARKER); if not, BACK is set to now
+        unless another process did first."""
+        if await self.redis.exists(MARKER):
+            return True
+        await self.redis.set(BACK, int(self.clock() * 1000), nx=True, px=BACK_MS)
+        self._back = await self.redis.get(BACK)
+        return False
+
+    async def _after_rebuild(self) -> None:
+        """Redis came back without its data: the counters are rebuilt from the logs, up to
+        BACK (stages/shared.py does it, or another process). Of the settlements held
+        meanwhile, those of requests that started before BACK are in the logs already;
+        the others are sent once the rebuild is done."""
+        back = self._back  # (the rebuild deletes BACK when it sets MARKER: read before)
+        for _ in range(int(60 / PROBE_S)):
+            try:
+                back = await asyncio.wait_for(self.redis.get(BACK), CALL_TIMEOUT_S) or back
+                done = await asyncio.wait_for(self.redis.exists(MARKER), CALL_TIMEOUT_S)
+            except Exception:
+                return  # unreachable again: the next answer starts over
+            if done:
+                break
+            await asyncio.sleep(PROBE_S)
+        cut = int(back) / 1000 if back else self.clock()
+        before = len(self.pending)
+        self.pending = [p for p in self.pending if p[2] >= cut]
+        log.warning("keygate: Redis lost its data; of the %d settlements held meanwhile, "
+                    "%d are in the rebuild from the usage logs", before,
+                    before - len(self.pending))
+
+    async def _load_scripts(self) -> None:
+        for name, text in (("admit", ADMIT), ("settle", SETTLE), ("renew", RENEW)):
+            sha = await self.redis.script_load(text)
+            self._shas[name] = sha.encode() if isinstance(sha, str) else sha
+
+    # ------------------------------------------------------------------ calls
+
+    def _call(self, script: str, tail: bytes, nargs: int) -> asyncio.Future:
+        """Queue one script call for the next pipeline (sent at the end of this turn of
+        the event loop); its future gets the reply or an exception. `tail`: the call's
+        numkeys, keys and arguments as RESP (`_pack`), `nargs` of them."""
+        fut = asyncio.get_running_loop().create_future()
+        self._batch.append((script, tail, nargs, fut))
+        if len(self._batch) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+        return fut
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, []
+        if batch:
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list) -> None:
+        try:
+            replies = await asyncio.wait_for(self._pipeline(batch), CALL_TIMEOUT_S)
+        except Exception as e:
+            self._lost(e)
+            for *_, fut in batch:
+                if not fut.done():
+                    fut.set_exception(Unavailable(_describe(e)))
+            return
+        for (*_, fut), reply in zip(batch, replies):
+            if fut.done():
+                continue
+            if isinstance(reply, Exception):
+                fut.set_exception(Unavailable(_describe(reply)))
+            else:
+                fut.set_result(reply)
+
+    async def _pipeline(self, batch: list) -> list:
+        """Send the calls of `batch` in one write and read their replies: one round trip.
+        The commands are packed here (`_pack`), not by redis-py's command layer, whose
+        encoding of each argument was most of a call's cost; redis-py keeps the
+        connections, the authentication and the reply parser (hiredis when installed)."""
+        from redis.exceptions import NoScriptError, ResponseError
+
+        if not self._shas:
+            await self._load_scripts()
+        pool = self.redis.connection_pool
+        try:
+            conn = await pool.get_connection()
+        except TypeError:  # redis-py before 5.3 wants a command name
+            conn = await pool.get_connection("EVALSHA")
+        try:
+            data = b"".join(
+                b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s" % (
+                    nargs + 2, self._shas[script], tail)
+                for script, tail, nargs, _ in batch)
+            self.round_trips += 1
+            await conn.send_packed_command(data, check_health=False)
+            replies: list = []
+            for _ in batch:
+                try:
+                    replies.append(await conn.read_response())
+                except ResponseError as e:  # that call's error; the others' replies follow
+                    replies.append(e)
+        except BaseException:
+            await conn.disconnect()  # (a reply half read: the connection is not reused)
+            raise
+        finally:
+            await pool.release(conn)
+        if any(isinstance(r, NoScriptError) for r in replies):
+            # Redis restarted, or SCRIPT FLUSH: load them again, send what failed.
+            await self._load_scripts()
+            again = [b for b, r in zip(batch, replies) if isinstance(r, NoScriptError)]
+            more = iter(await self._pipeline(again))
+            replies = [next(more) if isinstance(r, NoScriptError) else r for r in replies]
+        return replies
+
+    # ------------------------------------------------------------------ admission
+
+    def _admit_parts(self, name: str, day: str, month: str, rpm, tpm, concurrent,
+                     checks: tuple) -> tuple[bytes, bytes, int]:
+        """The parts of an ADMIT call that depend on the key, its limits and the day only:
+        (numkeys and keys, the arguments after the reservation, how many in all),
+        packed once and kept."""
+        k = (name, day, rpm, tpm, concurrent, checks)
+        parts = self._parts.get(k)
+        if parts is None:
+            if len(self._parts) > 10_000:
+                self._parts.clear()
+            base = key_base(name)
+            keys = [base + "fl", base + "rs", base + "rsn", base + "lp", base + "rq",
+                    base + "tk", base + "tkn", f"{base}d:{day}", f"{base}m:{month}",
+                    base + "all"]
+            after = [-1 if rpm is None else rpm, -1 if tpm is None else tpm,
+                     -1 if concurrent is None else concurrent, 3,
+                     DAY_TTL_MS, MONTH_TTL_MS, 0]
+            for c in checks:
+                after += (c.period + 1, c.field, c.limit, 1 if c.reserved else 0)
+            head = _pack([len(keys), *keys])
+            parts = self._parts[k] = (head, _pack(after), 1 + len(keys) + 4 + len(after))
+        return parts
+
+    async def admit(self, name: str, rid: str, start: float, reserve: int,
+                    rpm: int | None, tpm: int | None, concurrent: int | None,
+                    checks: Iterable[Check]) -> Verdict:
+        """One ADMIT for a request of key `name`; raises Unavailable."""
+        if not self._reachable:
+            raise Unavailable("unreachable")
+        day, month = periods_of(start)
+        head, after, nargs = self._admit_parts(name, day, month, rpm, tpm, concurrent,
+                                               tuple(checks))
+        tail = b"".join((head, _pack((int(self.clock() * 1000), rid, LEASE_MS, reserve)),
+                         after))
+        reply = await self._call("admit", tail, nargs)
+        kind = int(reply[0])
+        if kind == ADMITTED:
+            self.leases[rid] = name
+            return Verdict(ADMITTED, rpm_used=int(reply[1]), tpm_used=int(reply[2]))
+        if kind in (RPM, TPM):
+            return Verdict(kind, wait=max(0, int(reply[1])) / 1000)
+        return Verdict(kind, check=int(reply[1]) if len(reply) > 1 else 0)
+
+    # ------------------------------------------------------------------ settlement
+
+    def settle(self, name: str, rid: str, start: float, tokens: int, in_tpm: bool,
+               amounts: dict[str, str] | None = None, local: bool = False) -> None:
+        """The request `rid` of `name` ended having used `tokens` (and `amounts`, such as
+        {"c": "0.0012"} for money): sent with the next pipeline, not awaited. `local`: it
+        was admitted by this process while Redis was unreachable."""
+        self.leases.pop(rid, None)
+        base = key_base(name)
+        day, month = periods_of(start)
+        args: list = [9, base + "fl", base + "rs", base + "rsn", base + "lp", base + "tk",
+                      base + "tkn", f"{base}d:{day}", f"{base}m:{month}", base + "all",
+                      int(self.clock() * 1000), rid, max(0, int(tokens)),
+                      1 if in_tpm else 0, "l" if local else "a", 3,
+                      DAY_TTL_MS, MONTH_TTL_MS, 0]
+        for field, amount in (amounts or {}).items():
+            args += (field, amount)
+        call = (_pack(args), len(args), start)
+        if not self._reachable:
+            self._keep(call)
+            return
+        fut = self._call("settle", *call[:2])
+        fut.add_done_callback(lambda f: self._settled(f, call))
+
+    def _settled(self, fut: asyncio.Future, call: tuple[bytes, int, float]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            self._keep(call)
+
+    def _keep(self, call: tuple[bytes, int, float]) -> None:
+        if len(self.pending) < PENDING_LIMIT:
+            self.pending.append(call)
+        elif len(self.pending) == PENDING_LIMIT:
+            self.pending.append(call)
+            log.error("keygate: %d settlements wait for Redis; later ones are dropped (the "
+                      "usage log keeps them: keygate usage --restore-counters)", PENDING_LIMIT)
+
+    async def _send_pending(self) -> None:
+        while self.pending and self._reachable:
+            chunk, self.pending = self.pending[:1000], self.pending[1000:]
+            futs = [self._call("settle", *call[:2]) for call in chunk]
+            results = await asyncio.gather(*futs, return_exceptions=True)
+            failed = [c for c, r in zip(chunk, results) if isinstance(r, BaseException)]
+            if failed:
+                self.pending = failed + self.pending
+                return
+            if not self.pending:
+                log.info("keygate: settlements held while Redis was unreachable are sent")
+
+    # ------------------------------------------------------------------ leases
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RENEW_S)
+            if not self.leases or not self._reachable:
+                continue
+            by_key: dict[str, list[str]] = {}
+            for rid, name in list(self.leases.items()):
+                by_key.setdefault(name, []).append(rid)
+            expiry = int(self.clock() * 1000) + LEASE_MS
+            futs = [self._call("renew", _pack([1, key_base(name) + "fl", expiry, *rids]),
+                               len(rids) + 3)
+                    for name, rids in by_key.items()]
+            await asyncio.gather(*futs, return_exceptions=True)
+
+
+def _pack(args) -> bytes:
+    """Arguments as RESP bulk strings, as Redis reads them."""
+    out = []
+    for a in args:
+        b = a if type(a) is bytes else str(a).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(out)
+
+
+def _describe(e: BaseException) -> str:
+    """What went wrong, without the URL (it may hold a password)."""
+    if isinstance(e, (asyncio.TimeoutError, TimeoutError)):
+        return f"no answer within {CALL_TIMEOUT_S:g} s"
+    text = str(e) or type(e).__name__
+    return text.split("redis://")[0].split("rediss://")[0].strip() or type(e).__name__
+
+
+def check_url(url: str, timeout: float = CONNECT_TIMEOUT_S) -> str | None:
+    """Connect to Redis at `url` once, synchronously (start-up, `keygate usage
+    --restore-counters`): None when it answers as Redis does, else what is wrong, for an
+    operator. A server that cannot be reached is "unreachable: ..."; a wrong password or a
+    server that is not Redis says so."""
+    import redis
+    from redis import exceptions as rx
+
+    client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    try:
+        client.ping()
+        client.script_load(ADMIT)
+    except rx.AuthenticationError as e:
+        return f"Redis refused the credentials in the URL ({_describe(e)})"
+    except rx.ResponseError as e:
+        text = _describe(e)
+        if "NOAUTH" in text or "WRONGPASS" in text or "AUTH" in text.upper():
+            return f"Redis refused the credentials in the URL ({text})"
+        return f"the server does not answer as Redis does ({text})"
+    except (rx.InvalidResponse, rx.DataError) as e:
+        return f"the server does not answer as Redis does ({_describe(e)})"
+    except (rx.TimeoutError, TimeoutError) as e:
+        return f"unreachable: no answer within {timeout:g} s ({_describe(e)})"
+    except (rx.ConnectionError, OSError) as e:
+        text = _describe(e)
+        if "Protocol" in text or "protocol" in text:
+            return f"the server does not answer as Redis does ({text})"
+        return f"unreachable: {text}"
+    except rx.RedisError as e:
+        return f"the server does not answer as Redis does ({_describe(e)})"
+    finally:
+        try:
+            client.close()
+        except Exception:
+            pass
+    return None
