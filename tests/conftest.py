@@ -35,6 +35,7 @@ for p in (ROOT / "addons", ROOT / "demo", ROOT / "tests"):
         sys.path.insert(0, str(p))
 
 from fakeollama import FakeOllama  # noqa: E402
+from helpers.servers import stop_process  # noqa: E402
 
 MITMDUMP = str(Path(sys.executable).with_name("mitmdump"))
 START_TIMEOUT = 30.0
@@ -248,14 +249,7 @@ class Gateway:
         raise AssertionError(f"no usage line after {n}; log: {self.usage()[-3:]}")
 
     def stop(self) -> int | None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode if self.proc else None
+        return stop_process(self.proc)
 
 
 @pytest.fixture(scope="module")

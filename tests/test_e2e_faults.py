@@ -25,6 +25,7 @@ import pytest
 from conftest import Gateway, KeySpec, eventually, keys_yaml
 from fakeollama import FakeOllama
 from helpers.hostile import Tracker, http1, rss_mb, send_raw
+from helpers.servers import ThreadedServer
 
 KEY = KeySpec("worker")
 KEYS = {"worker": KEY, "limited": KeySpec("limited", settings={"limits": {"concurrent": 3}}),
@@ -38,7 +39,7 @@ REFUSED = {"invalid_request", "invalid_api_key", "permission_denied", "unknown_e
 
 # -- a scripted upstream: answers what the fake cannot be made to ---------------------------
 
-class Scripted:
+class Scripted(ThreadedServer):
     """A tiny HTTP/1.1 upstream on 127.0.0.1 whose answer to the next requests is `mode`.
     GET /api/version is always answered normally (the tests' health check)."""
 
@@ -46,27 +47,7 @@ class Scripted:
 
     def __init__(self) -> None:
         self.mode = "ok"
-        self.requests = 0
-        self.loop = asyncio.new_event_loop()
-        self.server = self.loop.run_until_complete(
-            asyncio.start_server(self._handle, "127.0.0.1", 0))
-        self.port = self.server.sockets[0].getsockname()[1]
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        async def close():
-            self.server.close()
-            for t in asyncio.all_tasks():
-                if t is not asyncio.current_task():
-                    t.cancel()
-        asyncio.run_coroutine_threadsafe(close(), self.loop).result(5)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+        super().__init__()
 
     async def _handle(self, reader, writer) -> None:
         try:

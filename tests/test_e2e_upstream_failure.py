@@ -15,7 +15,6 @@ import asyncio
 import json
 import socket
 import struct
-import threading
 import time
 
 import httpx
@@ -26,39 +25,20 @@ import pytest
 from conftest import Gateway, KeySpec, free_port
 from fakeollama import FakeOllama
 from helpers.hostile import h2_request, http1, send_raw
+from helpers.servers import ThreadedServer
 
 KEY = KeySpec("worker")
 KEYS = {"worker": KEY}
 MSGS = [{"role": "user", "content": "why is the sky blue"}]
 
 
-class Broken:
+class Broken(ThreadedServer):
     """An HTTP/1.1 upstream on 127.0.0.1 that fails every request as `mode` says, and
     counts the requests that reached it whole. Stopped by the test's fixture."""
 
     def __init__(self) -> None:
         self.mode = "garbage"
-        self.requests = 0
-        self.loop = asyncio.new_event_loop()
-        self.server = self.loop.run_until_complete(
-            asyncio.start_server(self._handle, "127.0.0.1", 0))
-        self.port = self.server.sockets[0].getsockname()[1]
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        async def close():
-            self.server.close()
-            for t in asyncio.all_tasks():
-                if t is not asyncio.current_task():
-                    t.cancel()
-        asyncio.run_coroutine_threadsafe(close(), self.loop).result(5)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+        super().__init__()
 
     async def _handle(self, reader, writer) -> None:
         try:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from websockets.sync.client import connect
 
+from helpers.servers import stop_process
+
 START_TIMEOUT = 30.0
 
 
@@ -145,13 +147,7 @@ class Browser:
             self.page.close()
         except Exception:
             pass
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
 
 def number(text: str) -> float:
