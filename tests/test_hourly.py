@@ -156,6 +156,20 @@ def test_unreadable_ts_is_skipped():
     assert h.skipped == 2 and not h.hours
 
 
+@pytest.mark.parametrize("ts", ["XXXXXXXXXXTXXXXXXXXXXXXZ", "2026-02-31T01:02:03.123Z",
+                                "2026-11-27T24:02:03.123Z", "2026-11-27T01:60:03.123Z"])
+def test_a_damaged_ts_of_keygate_s_length_is_skipped_and_queries_still_answer(ts):
+    """A line with a ts of the written form's length but no real time (a damaged log)
+    went into the totals as an hour that the hour arithmetic of every later query
+    choked on."""
+    h = Hourly()
+    h.add({"ts": ts, "key": "a", "status": 200})
+    h.add({"ts": "2026-11-27T01:02:03.123Z", "key": "a", "status": 200})
+    assert h.skipped == 1 and list(h.hours) == ["2026-11-27T01"]
+    rows = h.rows(("key",), "2026-11-27T00", "2026-11-28T00")
+    assert [r.totals.requests for r in rows] == [1]
+
+
 def test_query_cost_depends_on_groups_not_lines():
     """A month of traffic from 20 keys, 10 models, 3 channels: a query over all of it
     sums the month's groups, whatever the number of lines they came from."""

@@ -166,6 +166,60 @@ class Hourly:
                 b = bucket_of(ms)
                 h[b] = h.get(b, 0) + 1
 
+    def add_hour(self, hour: str, groups: Iterable[tuple[tuple, list]],
+                 latency: Iterable[tuple[str | None, dict[int, int]]] = ()) -> None:
+        """One hour's totals at once, as `add` of each of their records would add them:
+        `groups` of ((key, model, channel, status, error), [requests, prompt, completion,
+        total, cost or None]) and (channel, {bucket: count}) histograms of durations. What
+        the cache of the log's hours gives at start-up (accounting/hourcache.py)."""
+        with self._lock:
+            names = self._names
+            for (key, model, channel, status, error), n in groups:
+                if hour < self.covers_since:
+                    return
+                if model is not None:
+                    if model in names:
+                        model = names[model]
+                    elif len(self.models) >= self.max_models:
+                        model = OTHER_MODEL
+                    else:
+                        self.models.add(model)
+                        names[model] = model
+                if len(names) < 100_000:
+                    error = names.setdefault(error, error) if error is not None else None
+                    channel = names.setdefault(channel, channel) if channel is not None else None
+                    key = names.setdefault(key, key) if key is not None else None
+                group = (key, model, channel, status, error)
+                per_hour = self.hours.get(hour)
+                if per_hour is None:
+                    per_hour = self.hours[hour] = {}
+                    if hour > self.newest:
+                        self.newest = hour
+                        self._expire()
+                        if hour < self.covers_since:
+                            return
+                c = per_hour.get(group)
+                if c is None:
+                    c = per_hour[group] = [0, 0, 0, 0, None]
+                    self.groups += 1
+                    if self.groups > self.max_groups:
+                        self._shrink()
+                c[0] += n[0]
+                c[1] += n[1]
+                c[2] += n[2]
+                c[3] += n[3]
+                if n[4] is not None:
+                    c[4] = n[4] if c[4] is None else MONEY.add(c[4], n[4])
+            if hour < self.covers_since:
+                return
+            for channel, hist in latency:
+                channel = names.get(channel, channel) if channel is not None else None
+                h = self.latency.get((hour, channel))
+                if h is None:
+                    h = self.latency[(hour, channel)] = {}
+                for b, k in hist.items():
+                    h[b] = h.get(b, 0) + k
+
     def _drop_hour(self, hour: str) -> None:
         self.groups -= len(self.hours.pop(hour, {}))
         for lk in [k for k in self.latency if k[0] == hour]:

@@ -13,8 +13,10 @@ a string comparison per record: since <= ts < until.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import re
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -78,13 +80,27 @@ def canonical(t: datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
 
 
+# The form keygate writes, "2026-11-27T01:02:03.123Z": minutes and seconds checked here;
+# the date and hour, which the hourly totals compute with, once per hour by `_valid_hour`.
+_KEYGATE_TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:[0-5]\d:[0-5]\d\.\d{3}Z")
+
+
+@functools.lru_cache(maxsize=1024)
+def _valid_hour(hour: str) -> bool:
+    try:
+        datetime.strptime(hour, "%Y-%m-%dT%H")
+    except ValueError:
+        return False
+    return True
+
+
 def record_ts(record: dict) -> str | None:
     """The record's `ts` in canonical form, or None if it has no readable one."""
     ts = record.get("ts")
     if type(ts) is not str:
         return None
-    if len(ts) == 24 and ts[10] == "T" and ts[23] == "Z":
-        return ts  # what keygate writes: no parsing needed
+    if len(ts) == 24 and _KEYGATE_TS.fullmatch(ts) and _valid_hour(ts[:13]):
+        return ts  # what keygate writes: no parsing beyond the hour's, once per hour
     try:
         return canonical(parse_when(ts))
     except ValueError:
@@ -133,10 +149,26 @@ class Summer:
         c[4] += r.get("error") is not None
         cost = r.get("cost")
         if cost is not None:
-            if type(cost) is not Decimal or cost < 0:  # (the log reader gives Decimals)
+            # (the log reader gives Decimals; NaN, Infinity and < 0 are no cost)
+            if type(cost) is not Decimal or not cost.is_finite() or cost < 0:
                 cost = to_decimal(cost)
             if cost is not None:
                 c[5] = cost if c[5] is None else _add(c[5], cost)
+
+    def add_totals(self, group: tuple, requests: int, prompt: int, completion: int,
+                   total: int, errors: int, cost: Decimal | None) -> None:
+        """The totals of many records of one `group` at once, not filtered by time: what
+        the cache of the log's hours holds (accounting/hourcache.py)."""
+        c = self._acc.get(group)
+        if c is None:
+            c = self._acc[group] = [0, 0, 0, 0, 0, None]
+        c[0] += requests
+        c[1] += prompt
+        c[2] += completion
+        c[3] += total
+        c[4] += errors
+        if cost is not None:
+            c[5] = cost if c[5] is None else _add(c[5], cost)
 
     def rows(self) -> list[Row]:
         """Rows sorted by group (nulls first). With no `by`: exactly one row, zeros if no

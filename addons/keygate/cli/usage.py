@@ -4,8 +4,10 @@ docs/usage-log.md).
     keygate usage [--config PATH] [--log PATH] [--since 30m|24h|7d|DATE] [--until ..]
                   [--by key,model,channel,day,month] [--format table|json|toml]
 
-The counting is keygate.accounting.totals (pure, shared with what else shows totals); this
-module reads the command line and prints. Garbage and a torn last line in the log are
+The counting is keygate.accounting.totals (pure, shared with what else shows totals), over
+the log's hour cache (keygate.accounting.hourcache: exactly what reading every line gives,
+docs/usage-log.md#the-hour-cache), which a query brings up to date; this module reads the
+command line and prints. Garbage and a torn last line in the log are
 skipped and counted on stderr.
 
 Group values are what clients sent (a model name is any string a valid key sends), so no
@@ -23,15 +25,14 @@ from typing import Any
 
 import click
 
+from keygate.accounting.hourcache import HourCache
 from keygate.accounting.totals import (
     COUNTERS,
     GROUPS,
     Row,
-    Summer,
     Totals,
     canonical,
     parse_by,
-    read_into,
     total,
 )
 from keygate.cli.common import DEFAULT_CONFIG, Command, OneOf, note
@@ -228,14 +229,18 @@ def cli(ctx: click.Context, config: str | None, log: str | None, since: datetime
     if html:
         return _html(ctx, html, log_path, since, until, by, None if log else (
             config or os.environ.get("KEYGATE_CONFIG") or DEFAULT_CONFIG))
-    summer = Summer(by, since and canonical(since), until and canonical(until))
+    # From the cache of the log's hours beside it, brought up to date with the lines it
+    # does not cover (docs/usage-log.md#the-hour-cache): the same rows as reading every line.
+    cache = HourCache(log_path)
     try:
-        bad = read_into(log_path, summer.add)
+        with cache.survey() as survey:
+            rows = survey.rows(by, since and canonical(since), until and canonical(until))
+            bad = survey.bad
     except OSError as e:
         raise click.UsageError(f"cannot read {log_path}: {e}", ctx) from None
-    rows = summer.rows()
     if bad:
         lines = f"{bad} line{'s' if bad != 1 else ''}"
         note(PROG, f"skipped {lines} of {log_path} that are not JSON records")
     print(RENDER[fmt](rows, by))
+    cache.save()
     return 0

@@ -253,8 +253,8 @@ def write_report(out_path, log_path, since: dt.datetime | None, until: dt.dateti
     the period asked (default: the last 7 days). With gateway.toml (`config_path`), the
     keys table lists keys.yaml's keys and their quotas; channels have no live health here.
     Returns the number of garbage lines skipped in the log."""
+    from keygate.accounting.hourcache import HourCache
     from keygate.accounting.ledger import Ledger
-    from keygate.accounting.totals import read_into
     from keygate.files import write_atomic
 
     now = now or dt.datetime.now(UTC)
@@ -267,7 +267,9 @@ def write_report(out_path, log_path, since: dt.datetime | None, until: dt.dateti
     if end - start > MAX_SPAN:
         raise BadQuery(f"the period is longer than {MAX_SPAN.days} days: ask for less")
     hourly = Hourly(retention_days=max(RETENTION_DAYS_MIN, (now - start).days + 2))
-    bad = read_into(log_path, hourly.add)
+    with HourCache(log_path).survey() as survey:  # the log's hour cache and its new lines
+        survey.fill(hourly)
+        bad = survey.bad
     keys = ledger = None
     channels: list[dict] = []
     currency = None
