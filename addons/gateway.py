@@ -35,7 +35,8 @@ usage = Recorder(config)
 shared = Shared(config)  # redis_url: limits shared by every keygate process (its .reachable)
 metrics = Metrics(config, usage, router)  # GET /metrics, counted from each usage record
 own_pages = Pages(config, usage, router)  # /keygate/*, the usage page, billing, health
-usage.observers += [metrics.observe, own_pages.observe]
+usage.observers += [metrics.observe, own_pages.observe, shared.observe]
+own_pages.shared = shared  # redis_url: /keygate/usage shows every instance's totals
 own_pages.checks["redis"] = lambda: shared.reachable  # readiness: Redis, when configured
 
 stages = [

@@ -7,6 +7,10 @@ worker's, `log_family`), rotated files and the counts of deleted files included 
 log's ledger, accounting/ledger.py). `keygate usage --restore-counters` does it on demand;
 a keygate process does it at start-up, and when Redis answers again, if MARKER is gone.
 
+The hourly totals that /keygate/usage reads with Redis (`keygate:h:HOUR`,
+docs/shared-state.md#usage-totals-of-every-instance) are rebuilt with them, from the
+records of the logs (rotated files included; deleted files' records are gone).
+
 Rate windows (rpm, tpm) and requests in flight are not in the logs: they start afresh.
 """
 
@@ -21,9 +25,14 @@ from keygate.accounting.shared import (
     BACK,
     BACK_MS,
     DAY_TTL_MS,
+    HOUR_TTL_MS,
+    HOURLY,
+    HOURS,
     MARKER,
     MONTH_TTL_MS,
     PREFIX,
+    hour_fields,
+    hour_item,
     key_base,
 )
 
@@ -70,6 +79,55 @@ def counters_since(usage_log: Path, since: str) -> Counters:
         for path in log_files(live)[-2:]:
             read_records(path, sink)
     return later
+
+
+def hours_from_logs(usage_log: Path, before: str | None = None) -> dict[str, dict]:
+    """The hourly totals of the folder's logs as HOURLY adds them ({hour: {field: [op,
+    amount]}}, accounting/shared.py's `hour_fields`): every record, or those of requests
+    that started before `before`; hours past the retention are left out."""
+    out: dict[str, dict] = {}
+    models: set[str] = set()
+    oldest = iso(int((time.time() - HOUR_TTL_MS / 1000) * 1000))[:13]
+
+    def sink(record: dict) -> None:
+        item = hour_item(record, models)
+        if item is None or item[1] < oldest or (before is not None and item[0] >= before):
+            return
+        hour_fields((item,), out)
+
+    for live in log_family(usage_log):
+        for path in log_files(live):
+            read_records(path, sink)
+    return out
+
+
+def write_hours(client, hours: dict[str, dict], minus: dict[str, dict] | None = None,
+                replace: bool = False) -> None:
+    """Add `hours` (less `minus`) to Redis' hourly totals; with `replace`, every hour
+    Redis holds is deleted first, so they become what the logs say."""
+    from keygate.model.prices import MONEY, money_text
+
+    sha = client.script_load(HOURLY)
+    pipe = client.pipeline(transaction=False)
+    if replace:
+        for name in client.scan_iter(match=HOURS + "*", count=1000):
+            pipe.delete(name)
+    queued = 0
+    for hour, fields in hours.items():
+        less = (minus or {}).get(hour, {})
+        args: list = []
+        for field, (op, n) in fields.items():
+            was = less.get(field)
+            d = MONEY.subtract(n, was[1] if was else 0) if op == "d" else n - (
+                was[1] if was else 0)  # (money: exact, Decimal's default context rounds)
+            if d > 0 or (op == "d" and was is None):  # (a cost of 0 is not "no cost")
+                args += (op, field, money_text(d) if op == "d" else d)
+        if args:
+            pipe.evalsha(sha, 1, HOURS + hour, HOUR_TTL_MS, *args)
+            queued += 1
+            if queued % 500 == 0:
+                pipe.execute()
+    pipe.execute()
 
 
 def _values(counters: Counters) -> dict[tuple[str, str], dict[str, object]]:
@@ -163,6 +221,7 @@ def restore(client, usage_log: Path, only_if_missing: bool,
     once, and `catch_up` seconds later those that were still being written then. Returns
     the number of keys written, None if nothing was done."""
     if not only_if_missing:
+        write_hours(client, hours_from_logs(usage_log), replace=True)
         return write_counters(client, counters_from_logs(usage_log))
     if client.exists(MARKER):
         return None
@@ -172,10 +231,13 @@ def restore(client, usage_log: Path, only_if_missing: bool,
     try:
         back = client.get(BACK)
         since = iso(int(back)) if back else iso(int(time.time() * 1000))
+        hours_first = hours_from_logs(usage_log, before=since)
+        write_hours(client, hours_first)
         first = _before(usage_log, since)
         _write(client, first, add=True)
         time.sleep(catch_up)
         if client.exists(MARKER):  # (flushed meanwhile: the next rebuild starts over)
+            write_hours(client, hours_from_logs(usage_log, before=since), minus=hours_first)
             second = _before(usage_log, since)
             _write(client, second, add=True, minus=first)
     finally:

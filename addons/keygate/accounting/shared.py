@@ -40,6 +40,16 @@ for LAPSED_KEEP_MS. A settlement is applied at most once (its entry in `rs` is t
 a settlement that could not be sent is kept (up to PENDING_LIMIT) and sent again once
 Redis answers.
 
+Hourly totals (`HOURLY`, docs/shared-state.md#usage-totals-of-every-instance): each
+finished request's record adds to the hash of its UTC hour, `keygate:h:YYYY-MM-DDTHH`, the
+same counters accounting/hourly.py keeps per group (key, model, channel, status, error) and
+the duration histogram bucket of its channel. The records of one turn of the event loop
+are summed per hour and go out in the same pipeline as the settlements, one call per hour.
+Fields: a letter (r requests, p prompt, q completion, t total tokens, c cost, l latency)
+then the group as a JSON array, so no client string can make two groups one. Money is
+added as decimal strings by the script (exact, as Decimal does): no float ever rounds it.
+`/keygate/usage` reads the hours of its period back (`read_hours`, one pipeline).
+
 Failure: a call that fails or times out marks Redis unreachable; a probe then tries it
 every PROBE_S and the first answer brings normal service back. Meanwhile admissions are
 not sent at all: the Limiter refuses them (redis_failure = "closed") or counts them in
@@ -51,10 +61,17 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+
+from keygate.accounting.hourly import MAX_MODELS, OTHER_MODEL, Hourly, bucket_of
+from keygate.accounting.ledger import REFUSED
+from keygate.accounting.totals import record_ts
+from keygate.model.prices import MONEY, money_text, to_decimal
 
 log = logging.getLogger("keygate")
 
@@ -74,6 +91,10 @@ WARN_EVERY_S = 60.0
 PENDING_LIMIT = 100_000
 DAY_TTL_MS = 3 * 86_400_000  # a day's counters outlive it: a late settlement still lands
 MONTH_TTL_MS = 63 * 86_400_000
+
+HOURS = PREFIX + "h:"  # + "YYYY-MM-DDTHH": the hourly totals of every instance
+HOUR_TTL_MS = 400 * 86_400_000  # accounting/hourly.py's RETENTION_DAYS after the last write
+READ_TIMEOUT_S = 5.0  # reading a period's hours (up to 366 days of them) for /keygate/usage
 
 # Verdicts of ADMIT: {0, rpm used, tpm used} admits; else what refused it.
 ADMITTED, CONCURRENT, RPM, TPM, USED_UP, HELD = 0, 1, 2, 3, 4, 5
@@ -209,6 +230,50 @@ end
 return 1
 """
 
+# KEYS: an hour's hash. ARGV: its TTL, then (op, field, amount) triples: op "i" adds an
+# integer (HINCRBY), "d" a non-negative decimal string, digit by digit (exact: money).
+HOURLY = """
+local function dadd(a, b)
+  local ai, af = string.match(a, '^(%d+)%.?(%d*)$')
+  local bi, bf = string.match(b, '^(%d+)%.?(%d*)$')
+  if not ai then return b end
+  if not bi then return a end
+  local fl = math.max(#af, #bf)
+  af = af .. string.rep('0', fl - #af)
+  bf = bf .. string.rep('0', fl - #bf)
+  local il = math.max(#ai, #bi)
+  local x = string.rep('0', il - #ai) .. ai .. af
+  local y = string.rep('0', il - #bi) .. bi .. bf
+  local d, carry = {}, 0
+  for k = #x, 1, -1 do
+    local s = string.byte(x, k) + string.byte(y, k) - 96 + carry
+    if s >= 10 then s = s - 10; carry = 1 else carry = 0 end
+    d[k] = string.char(48 + s)
+  end
+  local s = table.concat(d)
+  if carry == 1 then s = '1' .. s end
+  local int = (string.gsub(string.sub(s, 1, #s - fl), '^0+', ''))
+  local frac = (string.gsub(string.sub(s, #s - fl + 1), '0+$', ''))
+  if int == '' then int = '0' end
+  if frac == '' then return int end
+  return int .. '.' .. frac
+end
+local h = KEYS[1]
+local i = 2
+while i + 2 <= #ARGV do
+  if ARGV[i] == 'i' then
+    redis.call('HINCRBY', h, ARGV[i + 1], ARGV[i + 2])
+  else
+    local old = redis.call('HGET', h, ARGV[i + 1])
+    if old then redis.call('HSET', h, ARGV[i + 1], dadd(old, ARGV[i + 2]))
+    else redis.call('HSET', h, ARGV[i + 1], ARGV[i + 2]) end
+  end
+  i = i + 3
+end
+redis.call('PEXPIRE', h, ARGV[1])
+return 1
+"""
+
 # Renewal of this process's leases: ARGV expiry, then ids; KEYS[1] the key's fl.
 RENEW = """
 for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', ARGV[1], ARGV[i]) end
@@ -261,6 +326,11 @@ class SharedCounters:
         self.redis = aioredis.from_url(
             url, socket_timeout=CALL_TIMEOUT_S, socket_connect_timeout=CONNECT_TIMEOUT_S,
             max_connections=64, health_check_interval=0)
+        # /keygate/usage reads (`read_hours`): a client of its own, used from a thread, so
+        # parsing a year of hours never holds up the event loop. (The URL is kept by the
+        # client only, never logged.)
+        self._reader = None
+        self._reader_url = url
         self._shas: dict[str, bytes] = {}
         self._batch: list[tuple[str, bytes, int, asyncio.Future]] = []
         self._sending: set[asyncio.Task] = set()
@@ -275,6 +345,12 @@ class SharedCounters:
         self.round_trips = 0  # pipelines sent (the bench reports them per request)
         self.down_since: float | None = None
         self._back: bytes | None = None  # BACK, as this process found it set
+        # Hourly totals: the records of this turn (`hour_item`s), those held while Redis
+        # was unreachable (up to PENDING_LIMIT), and the model names kept apart (as
+        # accounting/hourly.py caps them: the rest count as its OTHER_MODEL).
+        self._items: list[tuple] = []
+        self.pending_hours: list[tuple] = []
+        self.models: set[str] = set()
 
     # ------------------------------------------------------------------ state
 
@@ -309,6 +385,12 @@ class SharedCounters:
             await self.redis.aclose()
         except Exception:  # closing a connection that already broke
             pass
+        if self._reader is not None:
+            try:
+                self._reader.close()
+            except Exception:
+                pass
+            self._reader = None
 
     def _lost(self, e: BaseException | None) -> None:
         """Redis did not answer (`e`; None at start-up, where it was said already)."""
@@ -343,7 +425,7 @@ class SharedCounters:
             log.info("keygate: Redis answers again (after %.1f s)",
                      time.monotonic() - (self.down_since or time.monotonic()))
             self.down_since = None
-            if not kept and self.pending:
+            if not kept and (self.pending or self.pending_hours):
                 await self._after_rebuild()
             await self._send_pending()
 
@@ -374,12 +456,15 @@ class SharedCounters:
         cut = int(back) / 1000 if back else self.clock()
         before = len(self.pending)
         self.pending = [p for p in self.pending if p[2] >= cut]
+        since = _iso(cut)
+        self.pending_hours = [i for i in self.pending_hours if i[0] >= since]
         log.warning("keygate: Redis lost its data; of the %d settlements held meanwhile, "
                     "%d are in the rebuild from the usage logs", before,
                     before - len(self.pending))
 
     async def _load_scripts(self) -> None:
-        for name, text in (("admit", ADMIT), ("settle", SETTLE), ("renew", RENEW)):
+        for name, text in (("admit", ADMIT), ("settle", SETTLE), ("renew", RENEW),
+                           ("hourly", HOURLY)):
             sha = await self.redis.script_load(text)
             self._shas[name] = sha.encode() if isinstance(sha, str) else sha
 
@@ -396,6 +481,13 @@ class SharedCounters:
         return fut
 
     def _flush(self) -> None:
+        if self._items:
+            items, self._items = self._items, []
+            loop = asyncio.get_running_loop()
+            for tail, nargs, of_hour in hour_calls(items):
+                fut = loop.create_future()
+                fut.add_done_callback(lambda f, kept=of_hour: self._hours_sent(f, kept))
+                self._batch.append(("hourly", tail, nargs, fut))
         batch, self._batch = self._batch, []
         if batch:
             task = asyncio.get_running_loop().create_task(self._send(batch))
@@ -541,6 +633,16 @@ class SharedCounters:
                       "usage log keeps them: keygate usage --restore-counters)", PENDING_LIMIT)
 
     async def _send_pending(self) -> None:
+        while self.pending_hours and self._reachable:
+            chunk, self.pending_hours = self.pending_hours[:5000], self.pending_hours[5000:]
+            calls = list(hour_calls(chunk))
+            futs = [self._call("hourly", tail, nargs) for tail, nargs, _ in calls]
+            results = await asyncio.gather(*futs, return_exceptions=True)
+            failed = [i for (*_, kept), r in zip(calls, results)
+                      if isinstance(r, BaseException) for i in kept]
+            if failed:
+                self.pending_hours = failed + self.pending_hours
+                return
         while self.pending and self._reachable:
             chunk, self.pending = self.pending[:1000], self.pending[1000:]
             futs = [self._call("settle", *call[:2]) for call in chunk]
@@ -551,6 +653,66 @@ class SharedCounters:
                 return
             if not self.pending:
                 log.info("keygate: settlements held while Redis was unreachable are sent")
+
+    # ------------------------------------------------------------------ hourly totals
+
+    def add_record(self, record: dict) -> None:
+        """A finished request's record: its hourly increments go out with this turn's
+        pipeline (not awaited); while Redis is unreachable they are held."""
+        item = hour_item(record, self.models)
+        if item is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # (not on the event loop: held, sent with the next ones)
+            self._keep_hour(item)
+            return
+        if not self._reachable:
+            self._keep_hour(item)
+            return
+        self._items.append(item)
+        if len(self._items) == 1:
+            loop.call_soon(self._flush)
+
+    def _hours_sent(self, fut: asyncio.Future, items: list[tuple]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            for item in items:
+                self._keep_hour(item)
+
+    def _keep_hour(self, item: tuple) -> None:
+        if len(self.pending_hours) < PENDING_LIMIT:
+            self.pending_hours.append(item)
+        elif len(self.pending_hours) == PENDING_LIMIT:
+            self.pending_hours.append(item)
+            log.error("keygate: %d usage records wait for Redis' hourly totals; later ones "
+                      "are left out of them (keygate usage --restore-counters puts them "
+                      "back from the logs)", PENDING_LIMIT)
+
+    async def read_hours(self, hours: list[str], more: Iterable[str] = ()) -> list[dict]:
+        """The hashes of `hours` ("YYYY-MM-DDTHH"), then of the Redis keys `more`, one
+        HGETALL each, in one pipeline; raises Unavailable."""
+        if not self._reachable:
+            raise Unavailable("unreachable")
+        if self._reader is None:
+            import redis
+
+            self._reader = redis.Redis.from_url(
+                self._reader_url, socket_timeout=READ_TIMEOUT_S,
+                socket_connect_timeout=CONNECT_TIMEOUT_S, max_connections=8)
+        reader = self._reader
+        names = [HOURS + hour for hour in hours] + list(more)
+
+        def work() -> list:
+            pipe = reader.pipeline(transaction=False)
+            for name in names:
+                pipe.hgetall(name)
+            return pipe.execute()
+
+        try:
+            self.round_trips += 1
+            return await asyncio.wait_for(asyncio.to_thread(work), READ_TIMEOUT_S * 2)
+        except Exception as e:
+            raise Unavailable(_describe(e)) from None
 
     # ------------------------------------------------------------------ leases
 
@@ -567,6 +729,165 @@ class SharedCounters:
                                len(rids) + 3)
                     for name, rids in by_key.items()]
             await asyncio.gather(*futs, return_exceptions=True)
+
+
+# ---------------------------------------------------------------------- hourly totals
+
+
+# A group's JSON and a latency field, made once per distinct value (bounded: cleared when
+# full), not once per record.
+_GROUP_TEXT: dict[tuple, str] = {}
+_LATENCY_TEXT: dict[tuple, str] = {}
+_TEXTS_MAX = 50_000
+
+
+def hour_item(record: dict, models: set[str], max_models: int | None = None) -> tuple | None:
+    """(ts, hour, group as JSON, prompt, completion, total, cost (Decimal) or None, latency
+    field or None) of a record, with the group values accounting/hourly.py gives it (model
+    names past `max_models` distinct ones are its OTHER_MODEL); None without a ts."""
+    ts = record.get("ts")
+    if not (type(ts) is str and len(ts) == 24 and ts[10] == "T" and ts[23] == "Z"):
+        ts = record_ts(record)
+        if ts is None:
+            return None
+    model = _text(record.get("model"))
+    if model is not None and model not in models:
+        if len(models) >= (MAX_MODELS if max_models is None else max_models):
+            model = OTHER_MODEL
+        else:
+            models.add(model)
+    status = record.get("status")
+    error = _text(record.get("error"))
+    channel = _text(record.get("channel"))
+    values = (_text(record.get("key")), model, channel,
+              status if type(status) is int else None, error)
+    group = _GROUP_TEXT.get(values)
+    if group is None:
+        if len(_GROUP_TEXT) >= _TEXTS_MAX:
+            _GROUP_TEXT.clear()
+        group = _GROUP_TEXT[values] = json.dumps(values, separators=(",", ":"))
+    p, q, t = (record.get(f) for f in ("prompt_tokens", "completion_tokens", "total_tokens"))
+    cost = record.get("cost")
+    d = to_decimal(cost) if cost is not None else None
+    lat = None
+    if not (type(error) is str and error in REFUSED):
+        ms = record.get("duration_ms")
+        if type(ms) in (int, float):
+            at = (channel, bucket_of(ms))
+            lat = _LATENCY_TEXT.get(at)
+            if lat is None:
+                if len(_LATENCY_TEXT) >= _TEXTS_MAX:
+                    _LATENCY_TEXT.clear()
+                lat = _LATENCY_TEXT[at] = "l" + json.dumps(at, separators=(",", ":"))
+    return (ts, ts[:13], group, p if type(p) is int else 0, q if type(q) is int else 0,
+            t if type(t) is int else 0, d, lat)
+
+
+def hour_fields(items: Iterable[tuple],
+                out: dict[str, dict[str, list]] | None = None) -> dict[str, dict[str, list]]:
+    """{hour: {field: [op, amount]}} of `hour_item`s summed (into `out`): HOURLY's
+    arguments."""
+    if out is None:
+        out = {}
+    for _ts, hour, g, p, q, t, cost, lat in items:
+        f = out.get(hour)
+        if f is None:
+            f = out[hour] = {}
+        for letter, n in (("r", 1), ("p", p), ("q", q), ("t", t)):
+            if n or letter == "r":
+                a = f.get(letter + g)
+                if a is None:
+                    f[letter + g] = ["i", n]
+                else:
+                    a[1] += n
+        if cost is not None:
+            a = f.get("c" + g)
+            if a is None:
+                f["c" + g] = ["d", cost]
+            else:
+                a[1] = MONEY.add(a[1], cost)
+        if lat is not None:
+            a = f.get(lat)
+            if a is None:
+                f[lat] = ["i", 1]
+            else:
+                a[1] += 1
+    return out
+
+
+def hour_call(hour: str, fields: dict[str, list]) -> tuple[bytes, int]:
+    """One HOURLY call (packed as `_call` takes it) adding `fields` to `hour`."""
+    args: list = [1, HOURS + hour, HOUR_TTL_MS]
+    for field, (op, n) in fields.items():
+        args += (op, field, money_text(n) if op == "d" else n)
+    return _pack(args), len(args)
+
+
+def hour_calls(items: list[tuple]) -> Iterable[tuple[bytes, int, list[tuple]]]:
+    """HOURLY calls for `items`: (call, nargs, the items it adds) per hour."""
+    of_hour: dict[str, list[tuple]] = {}
+    for item in items:
+        of_hour.setdefault(item[1], []).append(item)
+    for hour, fields in hour_fields(items).items():
+        tail, nargs = hour_call(hour, fields)
+        yield tail, nargs, of_hour[hour]
+
+
+def hourly_from(hours: list[str], replies: list[dict]):
+    """An accounting.hourly.Hourly holding what Redis answered for `hours`: it answers
+    rows, series and key totals as the one fed with every instance's records would."""
+    hourly = Hourly(max_groups=1 << 62)
+    index = {"r": 0, "p": 1, "q": 2, "t": 3}
+    parsed: dict = {}  # a field less its letter -> its group (the same in every hour)
+    for hour, fields in zip(hours, replies):
+        if not fields:
+            continue
+        groups: dict[tuple, list] = {}
+        for f, v in fields.items():
+            if type(f) is bytes:
+                f = f.decode()
+            rest = f[1:]
+            g = parsed.get(rest)
+            try:
+                if g is None:
+                    g = parsed[rest] = tuple(json.loads(rest))
+                letter = f[0]
+                if letter == "l":
+                    ch, b = g
+                    h = hourly.latency.get((hour, ch))
+                    if h is None:
+                        h = hourly.latency[(hour, ch)] = {}
+                    h[b] = h.get(b, 0) + int(v)
+                    continue
+                c = groups.get(g)
+                if c is None:
+                    c = groups[g] = [0, 0, 0, 0, None]
+                if letter == "c":
+                    c[4] = Decimal(v.decode() if type(v) is bytes else v)
+                else:
+                    c[index[letter]] = int(v)
+            except (ValueError, TypeError, KeyError, IndexError, InvalidOperation):
+                continue  # (not keygate's: left out)
+        hourly.hours[hour] = groups
+        hourly.groups += len(groups)
+        for g in groups:
+            if len(g) > 1 and g[1] is not None:
+                hourly.models.add(g[1])
+        hourly.newest = max(hourly.newest, hour)
+    return hourly
+
+
+def _text(v) -> str | None:
+    """A group value as accounting/hourly.py keeps it (and `keygate usage` shows it)."""
+    if v is None or type(v) is str:
+        return v
+    return json.dumps(v)
+
+
+def _iso(t: float) -> str:
+    """A time (s) as the usage lines write `ts`."""
+    ms = int(t * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
 
 
 def _pack(args) -> bytes:

@@ -242,7 +242,8 @@
 
   function render(doc) {
     $("range").textContent = "From " + doc.since + " to " + doc.until + " (UTC, whole hours)" +
-      (doc.complete_since && doc.complete_since > doc.since ? "; totals before " + doc.complete_since + " are incomplete" : "");
+      (doc.complete_since && doc.complete_since > doc.since ? "; totals before " + doc.complete_since + " are incomplete" : "") +
+      (doc.partial ? "; shared totals unreachable: this instance's own only" : "");
     var summary = $("summary");
     clear(summary);
     [["requests", doc.total.requests], ["tokens", doc.total.total_tokens], ["errors", doc.total.errors]]

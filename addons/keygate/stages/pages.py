@@ -32,8 +32,8 @@ from typing import Any
 from mitmproxy import http
 
 from keygate import pages
+from keygate.accounting import hourcache
 from keygate.accounting.hourly import Hourly
-from keygate.accounting.totals import read_into
 from keygate.model import endpoints
 from keygate.model.errors import refuse
 from keygate.request import state_of
@@ -74,9 +74,15 @@ class Pages:
         self._live: list[dict] | None = []
         self._live_ids: set = set()
         self._loading: asyncio.Task | None = None
+        # The cache of the log's hours is used at start-up only if written before this
+        # process could write lines of the records it observes (docs/usage-log.md#the-hour-cache).
+        self._started_ns = time.time_ns()
         # Readiness checks beyond config and the usage log: name -> "is it fine?". A stage
         # that keygate needs to serve (shared state, when configured) adds its own.
         self.checks: dict[str, Callable[[], bool]] = {}
+        # With redis_url: the Shared stage, whose Redis holds every instance's hourly
+        # totals (docs/shared-state.md#usage-totals-of-every-instance).
+        self.shared = None
 
     # ---- the hourly totals
 
@@ -106,24 +112,38 @@ class Pages:
         path = self.config.state.settings.usage_log
         t0 = time.monotonic()
         hourly = Hourly()
-        skip = self._live_ids
-
-        def feed(record: dict) -> None:
-            if record.get("id") not in skip:
-                hourly.add(record)
-
+        # From the cache of the log's hours and the lines it does not cover; the records
+        # that ended meanwhile (in _live) are added unless their lines were read (`seen`).
+        cache = hourcache.HourCache(path)
+        seen: set = set()
         try:
-            await asyncio.to_thread(read_into, path, feed)
+            await asyncio.to_thread(cache.load_hourly, hourly, self._live_ids, seen,
+                                    self._started_ns)
         except Exception:
             log.exception("keygate: could not read %s for the usage page; it shows what "
                           "ended since the start", path)
-            hourly = Hourly()
+            hourly, seen = Hourly(), set()
         for record in self._live or ():
-            hourly.add(record)
+            if record.get("id") not in seen:
+                hourly.add(record)
         self.hourly, self._live, self._live_ids = hourly, None, set()
         self.loaded.set()
         log.info("keygate: usage totals for the dashboard read from %s in %.2f s", path,
                  time.monotonic() - t0)
+        await self._keep_cache(cache)
+
+    async def _keep_cache(self, cache: hourcache.HourCache) -> None:
+        """Bring the cache of the log's hours up to date every hourcache.INTERVAL s, in a
+        thread, so `keygate usage` and the next start-up read only the newest lines."""
+        while True:
+            await asyncio.sleep(hourcache.INTERVAL)
+            path = self.config.state.settings.usage_log
+            if path != cache.log_path:
+                cache = hourcache.HourCache(path)
+            try:
+                await asyncio.to_thread(cache.refresh)
+            except Exception as e:
+                log.warning("keygate: cannot bring %s up to date: %s", cache.sidecar, e)
 
     # ---- answers
 
@@ -209,14 +229,20 @@ class Pages:
             return
         state = self.config.state
         quotas = pages.all_quotas(state.keys, self.recorder.ledger, self.hourly, now)
+        from keygate.stages.shared import shared_hourly
+
+        hourly, note = await shared_hourly(self.shared, self.hourly, start, end, quotas, now)
+        if flow.response or flow.error or not flow.live:
+            return
         # Summing a month of hours takes a moment: in a thread, so the proxy goes on meanwhile
         # (the totals are safe to read from there; the ledger was read above).
         doc = await asyncio.to_thread(
-            pages.usage_answer, self.hourly, start, end, by, keys=state.keys,
+            pages.usage_answer, hourly, start, end, by, keys=state.keys,
             channels=self.channel_health(), currency=_currency(state.settings), now=now,
             quotas=quotas)
         if flow.response or flow.error or not flow.live:
             return
+        doc.update(note)
         flow.response = _json(200, doc)
 
     def channel_health(self) -> list[dict]:

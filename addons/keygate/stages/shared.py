@@ -9,6 +9,10 @@ starts, applies redis_failure, and connects when Redis answers. Reload: a new UR
 tried off the event loop, and replaces the old connection only if it answers as Redis;
 otherwise the error is logged and the last good URL stays in force.
 
+Each finished request's record also adds to the hourly totals in Redis (`observe`), which
+`/keygate/usage` and the dashboard read on every instance (`shared_hourly`;
+docs/shared-state.md#usage-totals-of-every-instance).
+
 Counters that Redis lost (the marker key is gone) are rebuilt from the usage logs at
 start-up and whenever Redis answers again (keygate/accounting/restore.py).
 """
@@ -47,6 +51,11 @@ class Shared:
     def reachable(self) -> bool:
         """Whether Redis answers (True without redis_url: nothing to reach)."""
         return self.counters is None or self.counters.reachable
+
+    def observe(self, record: dict, flow=None) -> None:
+        """Each finished request's record (a Recorder observer): its hourly increments."""
+        if self.counters is not None:
+            self.counters.add_record(record)
 
     def configure(self, updated: set[str]) -> None:
         if self.config.state is None or self.counters is not None or self._task is not None:
@@ -188,6 +197,47 @@ class Shared:
             await old.close()
 
 
+# --------------------------------------------------------------------------- usage totals
+
+
+async def shared_hourly(shared: Shared | None, local, start: dt.datetime, end: dt.datetime,
+                        quotas: dict | None = None, now: dt.datetime | None = None):
+    """(the hourly totals `/keygate/usage` answers from, what the answer adds about them):
+    with redis_url, every instance's, read from Redis for the hours start <= h < end
+    ({"shared": True}); if Redis does not answer, this process's own `local` totals
+    ({"partial": True}); without redis_url, `local` ({}). With Redis, the "used" of
+    `quotas` ({key: {quota: {"used", "limit"}}}, pages.all_quotas) become the shared
+    counters' (the ones the limits are held to), read in the same round trip."""
+    from keygate.accounting.shared import Unavailable, hourly_from, key_base
+
+    counters = shared.counters if shared is not None else None
+    if counters is None:
+        return local, {}
+    hours = []
+    t = start
+    while t < end:
+        hours.append(t.strftime("%Y-%m-%dT%H"))
+        t += dt.timedelta(hours=1)
+    names = [name for name, q in (quotas or {}).items() if q]
+    now = now or dt.datetime.now(dt.timezone.utc)
+    day, month = now.strftime("%Y-%m-%d"), now.strftime("%Y-%m")
+    more = [key_base(name) + p for name in names for p in (f"d:{day}", f"m:{month}", "all")]
+    try:
+        replies = await counters.read_hours(hours, more)
+    except Unavailable as e:
+        log.warning("keygate: /keygate/usage: Redis did not answer (%s); this process's "
+                    "own totals are shown, marked partial", e)
+        return local, {"partial": True}
+    periods = replies[len(hours):]
+    for i, name in enumerate(names):
+        for quota, q in quotas[name].items():
+            where = _QUOTA_PLACE.get(quota)
+            if where is not None:
+                v = periods[3 * i + where[0]].get(where[1].encode())
+                q["used"] = (round(float(v or 0), 9) if where[1] == "c" else int(v or 0))
+    return await asyncio.to_thread(hourly_from, hours, replies[:len(hours)]), {"shared": True}
+
+
 # --------------------------------------------------------------------------- the Limiter's part
 
 # The quotas ADMIT checks, in the Limiter's order (docs/limits.md#quotas): (limit, period:
@@ -204,6 +254,7 @@ QUOTAS = (
     ("budget_total", 2, "c", False),
 )
 _PERIOD_WORDS = ("per UTC day", "per UTC month", "in total")
+_QUOTA_PLACE = {name: (period, field) for name, period, field, _ in QUOTAS}
 
 
 def quota_checks(lim) -> list[tuple[str, object]]:
