@@ -316,3 +316,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    """A redis-server of this test module's own on a free loopback port (skipped where
+    redis-server is not installed; CI installs it)."""
+    from helpers.redisserver import RedisServer, needs_redis
+
+    if needs_redis.args[0]:
+        pytest.skip("redis-server is not installed")
+    r = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield r
+    finally:
+        r.stop()

@@ -77,17 +77,6 @@ class Clock:
         return self.t
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    if needs_redis.args[0]:
-        pytest.skip("redis-server is not installed")
-    r = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    try:
-        yield r
-    finally:
-        r.stop()
-
-
 @pytest.fixture
 def counters(redis_server):
     redis_server.client().flushall()

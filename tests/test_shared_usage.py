@@ -24,17 +24,6 @@ HOURS = [f"2026-12-04T{h:02d}" for h in range(10, 14)]
 SINCE, UNTIL = HOURS[0], "2026-12-04T14"
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    if needs_redis.args[0]:
-        pytest.skip("redis-server is not installed")
-    r = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    try:
-        yield r
-    finally:
-        r.stop()
-
-
 @pytest.fixture
 def counters(redis_server):
     redis_server.client().flushall()
