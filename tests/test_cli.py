@@ -136,6 +136,28 @@ def test_usage_totals(tmp_path):
     assert done.exit_code == 2 and "usage: error: --since is after --until" in done.stderr
 
 
+def test_usage_reads_a_config_whose_channel_credential_is_not_in_this_shell(tmp_path,
+                                                                           monkeypatch):
+    """The upstream credentials live in the gateway's environment, not the operator's:
+    `keygate usage --config` refused to run because a channel's api_key_env was unset."""
+    monkeypatch.delenv("KG_TEST_UNSET_CREDENTIAL", raising=False)
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text('[gateway]\nusage_log = "logs/usage.jsonl"\n\n[[channels]]\nname = "ds"\n'
+                   'kind = "openai"\nbase_url = "https://api.example.com/v1"\n'
+                   'api_key_env = "KG_TEST_UNSET_CREDENTIAL"\n')
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "usage.jsonl").write_text(json.dumps({
+        "ts": "2026-11-25T10:00:00.000Z", "key": "alice", "model": "m", "error": None,
+        "prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}) + "\n")
+    done = invoke("usage", "--config", str(cfg), "--format", "json")
+    assert done.exit_code == 0, done.stderr
+    assert json.loads(done.stdout)[0]["total_tokens"] == 3
+    # A config that does not validate is still refused, with its line.
+    cfg.write_text("[gateway]\nbogus = 1\n")
+    done = invoke("usage", "--config", str(cfg))
+    assert done.exit_code == 2 and f"{cfg}:2: unknown setting" in done.stderr
+
+
 # --- shell completion -----------------------------------------------------------------------------
 
 

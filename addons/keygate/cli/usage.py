@@ -109,10 +109,21 @@ RENDER = {"table": format_table, "json": format_json, "toml": format_toml}
 def _log_path(log: str | None, config: str | None) -> Path:
     if log:
         return Path(log).expanduser()
-    # Imported here: with --log no config is read at all.
-    from keygate.model.settings import load_settings
+    return _settings(config).usage_log
 
-    return load_settings(config or os.environ.get("KEYGATE_CONFIG") or DEFAULT_CONFIG).usage_log
+
+def _settings(config: str | None):
+    """gateway.toml as the gateway reads it, but a channel's api_key_env need not be set
+    here: the upstream credentials live in the gateway's environment, not the operator's.
+    ConfigError (a ValueError) when it does not parse or validate."""
+    # Imported here: with --log no config is read at all.
+    from keygate.cli.common import UserError, config_path, load_gateway
+    from keygate.model.settings import ConfigError
+
+    try:
+        return load_gateway(config_path(config))
+    except UserError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _when(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
@@ -154,10 +165,10 @@ def _restore_counters(ctx: click.Context, config: str | None, log: str | None) -
     """`--restore-counters` (docs/shared-state.md#restoring-counters)."""
     from keygate.accounting.restore import restore
     from keygate.accounting.shared import check_url
-    from keygate.model.settings import ConfigError, load_settings
+    from keygate.model.settings import ConfigError
 
     try:
-        settings = load_settings(config or os.environ.get("KEYGATE_CONFIG") or DEFAULT_CONFIG)
+        settings = _settings(config)
     except ConfigError as e:
         raise click.UsageError(str(e), ctx) from None
     if not settings.redis_url:
