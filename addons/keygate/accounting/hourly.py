@@ -173,10 +173,10 @@ class Hourly:
         total, cost or None]) and (channel, {bucket: count}) histograms of durations. What
         the cache of the log's hours gives at start-up (accounting/hourcache.py)."""
         with self._lock:
+            if hour < self.covers_since:
+                return
             names = self._names
             for (key, model, channel, status, error), n in groups:
-                if hour < self.covers_since:
-                    return
                 if model is not None:
                     if model in names:
                         model = names[model]

@@ -112,10 +112,7 @@ def _upstream_failed(stream: HttpStream, why: str, sent: bool):
     if sent:
         yield from _detach(stream)
     if rerouted:
-        flow.response = None
-        stream.response_body_buf.clear()
-        stream.server_state = stream.state_wait_for_response_headers
-        yield from _send_request(stream)
+        yield from _reroute(stream)
         return
     st = state_of(flow)
     code = "upstream_timeout" if st.error == "upstream_timeout" else "upstream_error"
@@ -226,12 +223,18 @@ def _resend(stream: HttpStream, send_response):
             log.exception("keygate: failover failed")
             rerouted = False
         if rerouted:
-            flow.response = None
-            stream.response_body_buf.clear()
-            stream.server_state = stream.state_wait_for_response_headers
-            yield from _send_request(stream)
+            yield from _reroute(stream)
             return
     yield from send_response(stream, False)
+
+
+def _reroute(stream):
+    """Send the flow's request again, to where the Router has just pointed it: whatever
+    answer the failed channel began is dropped."""
+    stream.flow.response = None
+    stream.response_body_buf.clear()
+    stream.server_state = stream.state_wait_for_response_headers
+    yield from _send_request(stream)
 
 
 def _wrap_handle_protocol_error(original):

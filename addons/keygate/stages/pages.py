@@ -67,6 +67,8 @@ class Pages:
         self.recorder = recorder
         self.router = router
         self.clock = clock
+        self._page: tuple[bytes, str] | None = None  # the usage page and its CSP
+        self._folder_ok: tuple[float, object, bool] | None = None  # (when, folder, verdict)
         self.hourly = Hourly()
         self.loaded = asyncio.Event()
         # While the totals are built from the log: the records that ended meanwhile (the
@@ -157,8 +159,11 @@ class Pages:
         if kind == "health":
             self._health(flow, ep.path.endswith("/ready"))
         elif kind == "page":
-            page, policy = pages.page_html()
-            flow.response = http.Response.make(200, page.encode(), {
+            if self._page is None:  # (built once: anyone may ask for it, without a key)
+                page, policy = pages.page_html()
+                self._page = (page.encode(), policy)
+            page, policy = self._page
+            flow.response = http.Response.make(200, page, {
                 "content-type": "text/html; charset=utf-8",
                 "content-security-policy": policy, **pages.SECURITY_HEADERS})
         elif kind == "usage":
@@ -198,9 +203,16 @@ class Pages:
         if writer is None or writer.failing or self.config.state is None:
             return False
         folder = self.config.state.settings.usage_log.parent
-        while not folder.exists() and folder.parent != folder:
-            folder = folder.parent  # (made at the first write)
-        return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
+        now = time.monotonic()
+        known = self._folder_ok
+        if known is not None and known[1] == folder and now - known[0] < 1.0:
+            return known[2]  # (file-system calls once a second, whoever polls ready)
+        probe = folder
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent  # (made at the first write)
+        ok = probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
+        self._folder_ok = (now, folder, ok)
+        return ok
 
     def _now(self) -> dt.datetime:
         return dt.datetime.fromtimestamp(self.clock(), UTC)
