@@ -254,13 +254,20 @@ def _wrap_send(original):
     return send
 
 
+def http_layer(layer) -> http_layers.HttpLayer | None:
+    """The HTTP layer above a connection's layer (or a stream), the one that holds its
+    streams; None when there is none."""
+    for above in reversed(layer.context.layers):
+        if isinstance(above, http_layers.HttpLayer):
+            return above
+    return None
+
+
 def flow_of(server, stream_id: int):
     """The flow on `stream_id` of a client connection's HTTP server layer, or None: the
     HTTP layer above the connection holds the stream, and the stream the flow."""
-    for layer in reversed(server.context.layers):
-        if isinstance(layer, http_layers.HttpLayer):
-            return getattr(layer.streams.get(stream_id), "flow", None)
-    return None
+    layer = http_layer(server)
+    return None if layer is None else getattr(layer.streams.get(stream_id), "flow", None)
 
 
 def request_id_of(flow) -> str | None:

@@ -44,7 +44,6 @@ from mitmproxy import version as mitmproxy_version
 from mitmproxy.connection import ConnectionState, Server
 from mitmproxy.net.http import status_codes
 from mitmproxy.proxy import commands
-from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import (
     GetHttpConnection,
     HttpResponseHeadersHook,
@@ -61,6 +60,7 @@ from mitmproxy.proxy.layers.http._events import (
 )
 from mitmproxy.proxy.layers.http._http1 import Http1Client
 
+from keygate.edge import http1
 from keygate.model.errors import make_error
 from keygate.request import ATTRIBUTE, state_of
 
@@ -133,7 +133,7 @@ def _detach(stream: HttpStream):
     gone by then, that changes nothing; to a stream that went on to another channel, it
     would look like that channel's failure."""
     conn = stream.context.server
-    layer = _http_layer(stream)
+    layer = http1.http_layer(stream)
     client = layer.connections.get(conn) if layer is not None else None
     while client is not None and not isinstance(client, HttpConnection):
         client = getattr(client, "child_layer", None)  # through TLS, HttpClient
@@ -141,13 +141,6 @@ def _detach(stream: HttpStream):
         client.state = client.done  # (which takes every event and does nothing)
         if conn.state is not ConnectionState.CLOSED:
             yield commands.CloseConnection(conn)
-
-
-def _http_layer(stream: HttpStream) -> http_layers.HttpLayer | None:
-    for layer in reversed(stream.context.layers):
-        if isinstance(layer, http_layers.HttpLayer):
-            return layer
-    return None
 
 
 def _send_request(stream: HttpStream):
@@ -172,7 +165,7 @@ def _forget_failed(stream: HttpStream, address: tuple[str, int]) -> None:
     upstream connections and answers every later request to that address with the old
     error, without trying again: a channel back up would look down to this client for as
     long as it stays connected. Forgotten, the next request connects afresh."""
-    layer = _http_layer(stream)
+    layer = http1.http_layer(stream)
     if layer is not None:
         for conn in [c for c in layer.connections
                      if isinstance(c, Server) and c.error and c.address == address]:

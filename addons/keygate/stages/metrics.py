@@ -219,13 +219,23 @@ class Metrics:
         cost = record.get("cost")
         if cost is not None and not isinstance(cost, bool):
             try:
-                self.cost.labels(key, model).inc(float(cost))
+                amount = float(cost)
             except (TypeError, ValueError):
-                pass
+                amount = None
+            if amount is not None:
+                ident = ("c", key, model)
+                child = children.get(ident)
+                if child is None:
+                    child = children[ident] = self.cost.labels(key, model)
+                child.inc(amount)
         if code in ("rate_limit_exceeded", "insufficient_quota"):
             message = error_message(flow.response.raw_content) if (
                 flow is not None and flow.response is not None) else ""
-            self.refusals.labels(key, limit_of(message)).inc()
+            ident = ("r", key, limit_of(message))
+            child = children.get(ident)
+            if child is None:
+                child = children[ident] = self.refusals.labels(key, ident[2])
+            child.inc()
         ident = ("d", channel)
         h = children.get(ident)
         if h is None:
