@@ -194,6 +194,61 @@ def test_money_amounts_and_local_admissions_land_in_every_period(counters):
     assert refusal(v, checks, Limits(), NOW)[0] == "insufficient_quota"
 
 
+def test_a_connection_redis_closed_while_it_waited_is_not_an_outage(counters, redis_server):
+    c = counters
+    assert admit(c, rid="a").kind == sc.ADMITTED
+    assert c._idle  # kept for the next pipeline
+    # Redis drops every connection (a restart, its idle `timeout`, CLIENT KILL)...
+    assert redis_server.client().client_kill_filter(_type="normal", skipme=True) >= 1
+    c.run(asyncio.sleep(0.1))
+    # ...the next pipeline takes a new one: no "unreachable", no refusal.
+    assert admit(c, rid="b").kind == sc.ADMITTED
+    assert c.reachable
+
+
+def test_pipelines_in_flight_are_bounded_and_later_calls_wait_to_go_together(
+        counters, redis_server):
+    c = counters
+    assert admit(c, rid="warm").kind == sc.ADMITTED
+    redis_server.client().client_pause(400)  # Redis answers nobody for 0.4 s
+
+    async def go():
+        futs = []
+        for i in range(20):  # one call per turn of the event loop
+            futs.append(asyncio.ensure_future(
+                c.admit("k", f"p{i}", NOW, 0, None, None, None, [])))
+            await asyncio.sleep(0)
+        assert len(c._sending) == sc.PIPELINES
+        return await asyncio.gather(*futs)
+
+    before = c.round_trips
+    verdicts = c.run(go())
+    assert [v.kind for v in verdicts] == [sc.ADMITTED] * 20 and c.reachable
+    # PIPELINES went out at once; the other calls waited and went out together.
+    assert c.round_trips - before <= sc.PIPELINES + 2
+
+
+def test_calls_queued_behind_a_pipeline_that_fails_fail_at_once(counters, redis_server):
+    c = counters
+    assert admit(c, rid="warm").kind == sc.ADMITTED
+    redis_server.client().client_pause(int(sc.CALL_TIMEOUT_S * 1000) + 1500)
+
+    async def go():
+        futs = []
+        for i in range(sc.PIPELINES + 3):
+            futs.append(asyncio.ensure_future(
+                c.admit("k", f"q{i}", NOW, 0, None, None, None, [])))
+            await asyncio.sleep(0)
+        t0 = asyncio.get_running_loop().time()
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        return results, asyncio.get_running_loop().time() - t0
+
+    results, took = c.run(go())
+    assert all(isinstance(r, sc.Unavailable) for r in results)
+    assert took < sc.CALL_TIMEOUT_S + 0.5  # the queued ones did not wait a timeout more
+    assert not c.reachable
+
+
 def test_unreachable_redis_raises_and_keeps_settlements_until_it_answers(tmp_path):
     r = RedisServer(tmp_path / "r")
     if needs_redis.args[0]:

@@ -86,6 +86,9 @@ RENEW_S = 10.0
 LAPSED_KEEP_MS = 3_600_000
 CALL_TIMEOUT_S = 1.0  # one pipeline, admission or settlement
 CONNECT_TIMEOUT_S = 2.0
+# Pipelines in flight at once, at most (one connection each); the calls of later turns
+# wait for one to be answered and go out together in the next.
+PIPELINES = 4
 PROBE_S = 0.5
 WARN_EVERY_S = 60.0
 PENDING_LIMIT = 100_000
@@ -289,10 +292,19 @@ def key_base(name: str) -> str:
     return f"{PREFIX}{{{name}}}:"
 
 
+_PERIODS: dict[int, tuple[str, str]] = {}  # day number since the epoch -> periods_of
+
+
 def periods_of(start: float) -> tuple[str, str]:
     """(UTC day "YYYY-MM-DD", UTC month "YYYY-MM") of a request that started at `start`."""
-    day = dt.datetime.fromtimestamp(start, dt.timezone.utc).date().isoformat()
-    return day, day[:7]
+    n = int(start // 86400)
+    periods = _PERIODS.get(n)
+    if periods is None:
+        if len(_PERIODS) >= 64:
+            _PERIODS.clear()
+        day = dt.datetime.fromtimestamp(n * 86400, dt.timezone.utc).date().isoformat()
+        periods = _PERIODS[n] = (day, day[:7])
+    return periods
 
 
 @dataclass(frozen=True)
@@ -326,6 +338,15 @@ class SharedCounters:
         self.redis = aioredis.from_url(
             url, socket_timeout=CALL_TIMEOUT_S, socket_connect_timeout=CONNECT_TIMEOUT_S,
             max_connections=64, health_check_interval=0)
+        # The pipelines of admissions and settlements (`_pipeline`) have connections of
+        # their own, kept here between pipelines rather than taken from and given back to
+        # a pool each time, and without a timeout per reply: each pipeline as a whole has
+        # CALL_TIMEOUT_S (`_send`). Per round trip, redis-py's pool and its timeout around
+        # every reply cost more CPU than the rest of the round trip together.
+        self._pool = aioredis.ConnectionPool.from_url(
+            url, socket_timeout=None, socket_connect_timeout=CONNECT_TIMEOUT_S,
+            max_connections=PIPELINES, health_check_interval=0)
+        self._idle: list = []  # connected, no reply pending
         # /keygate/usage reads (`read_hours`): a client of its own, used from a thread, so
         # parsing a year of hours never holds up the event loop. (The URL is kept by the
         # client only, never logged.)
@@ -335,6 +356,7 @@ class SharedCounters:
         self._batch: list[tuple[str, bytes, int, asyncio.Future]] = []
         self._sending: set[asyncio.Task] = set()
         self._parts: dict[tuple, tuple[bytes, bytes, int]] = {}
+        self._settle_heads: dict[tuple[str, str], bytes] = {}
         self._reachable = True
         self._probe: asyncio.Task | None = None
         self._renewer: asyncio.Task | None = None
@@ -374,17 +396,22 @@ class SharedCounters:
                 task.cancel()
         self._renewer = self._probe = None
         self._flush()
-        if self._sending:  # the last settlements go out before the connection closes
-            await asyncio.wait(list(self._sending), timeout=CALL_TIMEOUT_S * 2)
+        # The last settlements go out before the connections close.
+        loop = asyncio.get_running_loop()
+        until = loop.time() + CALL_TIMEOUT_S * 2
+        while self._sending and loop.time() < until:
+            await asyncio.wait(list(self._sending), timeout=until - loop.time())
         if self.pending and self._reachable:
             try:
                 await asyncio.wait_for(self._send_pending(), CALL_TIMEOUT_S * 2)
             except Exception:
                 pass
-        try:
-            await self.redis.aclose()
-        except Exception:  # closing a connection that already broke
-            pass
+        self._idle.clear()
+        for closing in (self._pool.disconnect(), self.redis.aclose()):
+            try:
+                await closing
+            except Exception:  # closing a connection that already broke
+                pass
         if self._reader is not None:
             try:
                 self._reader.close()
@@ -421,6 +448,7 @@ class SharedCounters:
                 kept = await asyncio.wait_for(self.mark_lost(), CALL_TIMEOUT_S)
             except Exception:
                 continue
+            await self._drop_idle()
             self._reachable = True
             log.info("keygate: Redis answers again (after %.1f s)",
                      time.monotonic() - (self.down_since or time.monotonic()))
@@ -445,6 +473,8 @@ class SharedCounters:
         the others are sent once the rebuild is done."""
         back = self._back  # (the rebuild deletes BACK when it sets MARKER: read before)
         for _ in range(int(60 / PROBE_S)):
+            if not self._reachable:
+                return  # lost again: the probe starts over
             try:
                 back = await asyncio.wait_for(self.redis.get(BACK), CALL_TIMEOUT_S) or back
                 done = await asyncio.wait_for(self.redis.exists(MARKER), CALL_TIMEOUT_S)
@@ -481,6 +511,8 @@ class SharedCounters:
         return fut
 
     def _flush(self) -> None:
+        if len(self._sending) >= PIPELINES:
+            return  # sent once a pipeline in flight is answered (`_sent`)
         if self._items:
             items, self._items = self._items, []
             loop = asyncio.get_running_loop()
@@ -489,14 +521,26 @@ class SharedCounters:
                 fut.add_done_callback(lambda f, kept=of_hour: self._hours_sent(f, kept))
                 self._batch.append(("hourly", tail, nargs, fut))
         batch, self._batch = self._batch, []
-        if batch:
-            task = asyncio.get_running_loop().create_task(self._send(batch))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+        if not batch:
+            return
+        if not self._reachable:  # (queued before the failure was seen: it fails now)
+            for *_, fut in batch:
+                if not fut.done():
+                    fut.set_exception(Unavailable("unreachable"))
+            return
+        task = asyncio.get_running_loop().create_task(self._send(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task) -> None:
+        self._sending.discard(task)
+        if self._batch or self._items:
+            self._flush()
 
     async def _send(self, batch: list) -> None:
         try:
-            replies = await asyncio.wait_for(self._pipeline(batch), CALL_TIMEOUT_S)
+            async with asyncio.timeout(CALL_TIMEOUT_S):
+                replies = await self._pipeline(batch)
         except Exception as e:
             self._lost(e)
             for *_, fut in batch:
@@ -515,16 +559,24 @@ class SharedCounters:
         """Send the calls of `batch` in one write and read their replies: one round trip.
         The commands are packed here (`_pack`), not by redis-py's command layer, whose
         encoding of each argument was most of a call's cost; redis-py keeps the
-        connections, the authentication and the reply parser (hiredis when installed)."""
+        connections, the authentication and the reply parser (hiredis when installed).
+        The caller bounds the whole in time (`_send`)."""
         from redis.exceptions import NoScriptError, ResponseError
 
         if not self._shas:
             await self._load_scripts()
-        pool = self.redis.connection_pool
-        try:
-            conn = await pool.get_connection()
-        except TypeError:  # redis-py before 5.3 wants a command name
-            conn = await pool.get_connection("EVALSHA")
+        conn = None
+        while self._idle:
+            conn = self._idle.pop()
+            if _open(conn):
+                break
+            await self._drop(conn)  # Redis closed it while it waited here
+            conn = None
+        if conn is None:
+            try:
+                conn = await self._pool.get_connection()
+            except TypeError:  # redis-py before 5.3 wants a command name
+                conn = await self._pool.get_connection("EVALSHA")
         try:
             data = b"".join(
                 b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s" % (
@@ -539,10 +591,9 @@ class SharedCounters:
                 except ResponseError as e:  # that call's error; the others' replies follow
                     replies.append(e)
         except BaseException:
-            await conn.disconnect()  # (a reply half read: the connection is not reused)
+            await self._drop(conn)  # (a reply half read, or none: not used again)
             raise
-        finally:
-            await pool.release(conn)
+        self._idle.append(conn)
         if any(isinstance(r, NoScriptError) for r in replies):
             # Redis restarted, or SCRIPT FLUSH: load them again, send what failed.
             await self._load_scripts()
@@ -550,6 +601,22 @@ class SharedCounters:
             more = iter(await self._pipeline(again))
             replies = [next(more) if isinstance(r, NoScriptError) else r for r in replies]
         return replies
+
+    async def _drop(self, conn) -> None:
+        try:
+            await conn.disconnect()
+        finally:
+            await self._pool.release(conn)
+
+    async def _drop_idle(self) -> None:
+        """Close the connections kept for pipelines (Redis came back: they are from
+        before)."""
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            try:
+                await self._drop(conn)
+            except Exception:
+                pass
 
     # ------------------------------------------------------------------ admission
 
@@ -604,16 +671,22 @@ class SharedCounters:
         {"c": "0.0012"} for money): sent with the next pipeline, not awaited. `local`: it
         was admitted by this process while Redis was unreachable."""
         self.leases.pop(rid, None)
-        base = key_base(name)
         day, month = periods_of(start)
-        args: list = [9, base + "fl", base + "rs", base + "rsn", base + "lp", base + "tk",
-                      base + "tkn", f"{base}d:{day}", f"{base}m:{month}", base + "all",
-                      int(self.clock() * 1000), rid, max(0, int(tokens)),
+        k = (name, day)
+        head = self._settle_heads.get(k)
+        if head is None:
+            if len(self._settle_heads) > 10_000:
+                self._settle_heads.clear()
+            base = key_base(name)
+            head = self._settle_heads[k] = _pack(
+                [9, base + "fl", base + "rs", base + "rsn", base + "lp", base + "tk",
+                 base + "tkn", f"{base}d:{day}", f"{base}m:{month}", base + "all"])
+        args: list = [int(self.clock() * 1000), rid, max(0, int(tokens)),
                       1 if in_tpm else 0, "l" if local else "a", 3,
                       DAY_TTL_MS, MONTH_TTL_MS, 0]
         for field, amount in (amounts or {}).items():
             args += (field, amount)
-        call = (_pack(args), len(args), start)
+        call = (head + _pack(args), 10 + len(args), start)
         if not self._reachable:
             self._keep(call)
             return
@@ -894,9 +967,25 @@ def _pack(args) -> bytes:
     """Arguments as RESP bulk strings, as Redis reads them."""
     out = []
     for a in args:
-        b = a if type(a) is bytes else str(a).encode()
+        t = type(a)
+        if t is str:
+            b = a.encode()
+        elif t is int:
+            b = b"%d" % a
+        elif t is bytes:
+            b = a
+        else:
+            b = str(a).encode()
         out.append(b"$%d\r\n%s\r\n" % (len(b), b))
     return b"".join(out)
+
+
+def _open(conn) -> bool:
+    """Whether a connection kept between pipelines is still open: the event loop reads
+    its socket all along, so a close or reset by Redis shows in its stream at once (the
+    check redis-py's pool makes, a read with a zero timeout, costs a system call)."""
+    reader = getattr(conn, "_reader", None)
+    return reader is not None and not reader.at_eof() and reader.exception() is None
 
 
 def _describe(e: BaseException) -> str:
