@@ -249,6 +249,26 @@ def test_calls_queued_behind_a_pipeline_that_fails_fail_at_once(counters, redis_
     assert not c.reachable
 
 
+def test_local_admissions_join_the_rate_windows_when_redis_answers(counters):
+    c = counters
+    # Two requests admitted by a process while Redis was away, at NOW - 20 s, with 40 and
+    # 25 tokens; their settlements reach Redis at NOW.
+    for rid, tokens in (("l1", 40), ("l2", 25)):
+        c.run(_settle_local(c, rid, tokens))
+    v = admit(c, name="w", rid="n1", rpm=3, tpm=100)
+    assert v.kind == sc.ADMITTED and v.rpm_used == 3 and v.tpm_used == 65
+    assert admit(c, name="w", rid="n2", rpm=3).kind == sc.RPM
+    c.clock.t = NOW + 41  # 61 s after they were admitted: out of the rpm window
+    assert admit(c, name="w", rid="n3", rpm=3).kind == sc.ADMITTED
+
+
+async def _settle_local(c, rid, tokens):
+    c.settle("w", rid, NOW - 20, tokens, True, None, local=True, in_rpm=True)
+    await asyncio.sleep(0)
+    while c._sending:
+        await asyncio.wait(list(c._sending))
+
+
 def test_unreachable_redis_raises_and_keeps_settlements_until_it_answers(tmp_path):
     r = RedisServer(tmp_path / "r")
     if needs_redis.args[0]:

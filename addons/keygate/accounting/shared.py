@@ -193,13 +193,16 @@ end
 return {0, rcount, ttotal}
 """
 
-# KEYS: fl rs rsn lp tk tkn, then the periods. ARGV: now id tokens in_tpm mode nperiods,
-# a TTL per period, then (field, amount) pairs added to every period. mode "a": admitted
-# through ADMIT; "l": admitted by a process while Redis was unreachable (counts r too).
+# KEYS: fl rs rsn lp tk tkn, then the periods (then, for "l", rq). ARGV: now id tokens
+# in_tpm mode nperiods, a TTL per period, then (field, amount) pairs added to every period.
+# mode "a": admitted through ADMIT; "l" followed by its start (ms): admitted by a process
+# while Redis was unreachable (counts r too, and joins the rpm window at its start when rq
+# is given).
 SETTLE = """
 local now, id, tokens = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local np = tonumber(ARGV[6])
-if ARGV[5] ~= 'l' then
+local mode = string.sub(ARGV[5], 1, 1)
+if mode ~= 'l' then
   local r = redis.call('HGET', KEYS[2], id)
   if not r then return 0 end
   redis.call('HDEL', KEYS[2], id)
@@ -218,10 +221,16 @@ if tokens > 0 and ARGV[4] == '1' then
   redis.call('PEXPIRE', KEYS[5], 61000)
   redis.call('PEXPIRE', KEYS[6], 61000)
 end
+local started = tonumber(string.sub(ARGV[5], 2))
+if mode == 'l' and started and #KEYS > 6 + np then
+  local rq = KEYS[7 + np]
+  redis.call('ZADD', rq, started, id)
+  redis.call('PEXPIRE', rq, 61000)
+end
 for p = 1, np do
   local key = KEYS[6 + p]
   if tokens > 0 then redis.call('HINCRBY', key, 't', tokens) end
-  if ARGV[5] == 'l' then redis.call('HINCRBY', key, 'r', 1) end
+  if mode == 'l' then redis.call('HINCRBY', key, 'r', 1) end
   local i = 7 + np
   while i + 1 <= #ARGV do
     redis.call('HINCRBYFLOAT', key, ARGV[i], ARGV[i + 1])
@@ -293,6 +302,13 @@ def key_base(name: str) -> str:
 
 
 _PERIODS: dict[int, tuple[str, str]] = {}  # day number since the epoch -> periods_of
+
+
+def _settle_keys(name: str, day: str, month: str) -> list[str]:
+    """SETTLE's keys for a request of key `name` that started on `day`, in `month`."""
+    base = key_base(name)
+    return [base + "fl", base + "rs", base + "rsn", base + "lp", base + "tk", base + "tkn",
+            f"{base}d:{day}", f"{base}m:{month}", base + "all"]
 
 
 def periods_of(start: float) -> tuple[str, str]:
@@ -666,10 +682,12 @@ class SharedCounters:
     # ------------------------------------------------------------------ settlement
 
     def settle(self, name: str, rid: str, start: float, tokens: int, in_tpm: bool,
-               amounts: dict[str, str] | None = None, local: bool = False) -> None:
+               amounts: dict[str, str] | None = None, local: bool = False,
+               in_rpm: bool = False) -> None:
         """The request `rid` of `name` ended having used `tokens` (and `amounts`, such as
         {"c": "0.0012"} for money): sent with the next pipeline, not awaited. `local`: it
-        was admitted by this process while Redis was unreachable."""
+        was admitted by this process while Redis was unreachable (with `in_rpm`, it joins
+        the rpm window at `start`)."""
         self.leases.pop(rid, None)
         day, month = periods_of(start)
         k = (name, day)
@@ -677,16 +695,17 @@ class SharedCounters:
         if head is None:
             if len(self._settle_heads) > 10_000:
                 self._settle_heads.clear()
-            base = key_base(name)
-            head = self._settle_heads[k] = _pack(
-                [9, base + "fl", base + "rs", base + "rsn", base + "lp", base + "tk",
-                 base + "tkn", f"{base}d:{day}", f"{base}m:{month}", base + "all"])
+            head = self._settle_heads[k] = _pack([9, *_settle_keys(name, day, month)])
+        nkeys = 9
+        if local and in_rpm:
+            head = _pack([10, *_settle_keys(name, day, month), key_base(name) + "rq"])
+            nkeys = 10
         args: list = [int(self.clock() * 1000), rid, max(0, int(tokens)),
-                      1 if in_tpm else 0, "l" if local else "a", 3,
+                      1 if in_tpm else 0, f"l{int(start * 1000)}" if local else "a", 3,
                       DAY_TTL_MS, MONTH_TTL_MS, 0]
         for field, amount in (amounts or {}).items():
             args += (field, amount)
-        call = (head + _pack(args), 10 + len(args), start)
+        call = (head + _pack(args), 1 + nkeys + len(args), start)
         if not self._reachable:
             self._keep(call)
             return

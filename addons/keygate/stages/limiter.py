@@ -461,4 +461,5 @@ class Limiter:
         counters.settle(
             name, st.id or flow.id, flow.request.timestamp_start, tokens,
             self._limits(name).tpm is not None,
-            {"c": str(cost)} if cost is not None else None, local=local)
+            {"c": str(cost)} if cost is not None else None, local=local,
+            in_rpm=local and self._limits(name).rpm is not None)
