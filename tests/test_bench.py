@@ -207,3 +207,30 @@ def test_instruction_count_command_and_report(instructions):
     assert "200 sequential requests" in text
     row = next(line for line in text.splitlines() if line.startswith("keygate"))
     assert row.split()[-4:] == ["9.020", "1.132", "0.95", "27.6"], row
+
+
+def test_bench_shared_quick_reports_the_ratios_and_their_floor(tmp_path):
+    from helpers.redisserver import needs_redis
+
+    if needs_redis.args[0]:
+        pytest.skip("redis-server is not installed")
+    out = tmp_path / "shared.json"
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / "bench"), "--shared", "--quick", "--no-install", "--json",
+         str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    s = json.loads(out.read_text())["shared"]
+    for where, v in leaves(s, "shared"):
+        assert isinstance(v, numbers.Real) and not isinstance(v, bool), (where, v)
+    for name in ("keygate", "keygate_redis", "workers_2", "bare_mitmdump", "bare_mitmdump_2"):
+        assert s[name]["rps_c32"] > 0, name
+    assert s["keygate_redis"]["rps_vs_alone"] > 0
+    assert s["workers_2"]["rps_vs_one"] > 0 and s["bare_mitmdump_2"]["rps_vs_one"] > 0
+    for name in ("direct", "one_worker", "workers_2", "bare_one", "bare_2"):
+        assert s[f"streams_c100_{name}"]["ttfc_p50_ms"] > 0, name
+    # Both workers served the bursts (2 rounds of 100 streams), and no stream is missing.
+    per_worker = s["streams_c100_workers_2"]["streams_per_worker"]
+    assert len(per_worker) == 2 and min(per_worker) > 0 and sum(per_worker) == 200
+    assert s["redis_round_trips_per_request"] > 0 and s["redis_scripts_per_request"] >= 1
+    assert "floor: bare mitmdump x2 on one port" in proc.stdout

@@ -25,6 +25,7 @@ STREAMING = ("stream_large_bodies=1",)
 class Server:
     def __init__(self, name: str, proc: Proc, url: str, config: Path | None = None):
         self.name, self.proc, self.url, self.config = name, proc, url, config
+        self.procs = [proc]  # (several: bench/perf/shared.py's bare_workers)
 
     @property
     def pid(self) -> int:

@@ -28,6 +28,7 @@ class Profile:
     reload_rounds: int
     log_lines: int
     startup_rounds: int
+    bursts: int  # rounds of --shared's bursts of 100 streams
     time_limit: int  # s for the whole run
 
 
@@ -50,6 +51,7 @@ FULL = Profile(
     reload_rounds=3,
     log_lines=1_000_000,
     startup_rounds=3,
+    bursts=7,
     time_limit=25 * 60,
 )
 QUICK = Profile(
@@ -71,5 +73,6 @@ QUICK = Profile(
     reload_rounds=1,
     log_lines=100_000,
     startup_rounds=1,
+    bursts=2,
     time_limit=5 * 60,
 )
