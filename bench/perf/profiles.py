@@ -51,7 +51,7 @@ FULL = Profile(
     reload_rounds=3,
     log_lines=1_000_000,
     startup_rounds=3,
-    bursts=7,
+    bursts=15,
     time_limit=25 * 60,
 )
 QUICK = Profile(
