@@ -50,6 +50,7 @@ from dataclasses import dataclass
 
 from mitmproxy import http
 
+from keygate.accounting.shared import ADMITTED, Unavailable
 from keygate.model.errors import refuse
 from keygate.model.keyring import Limits
 from keygate.model.prices import money_text
@@ -57,7 +58,7 @@ from keygate.request import state_of
 from keygate.stages.config import Config
 from keygate.stages.headerfields import set_fields
 from keygate.stages.recorder import Recorder
-from keygate.stages.shared import Shared
+from keygate.stages.shared import Shared, quota_checks, refusal
 
 WINDOW = 60.0
 FIRST_ESTIMATE = 1024  # tokens reserved per request of a key with no finished request yet
@@ -397,9 +398,6 @@ class Limiter:
     # -- counters shared through Redis (docs/shared-state.md) ------------------------------
 
     async def _shared_admit(self, flow: http.HTTPFlow, name: str, lim: Limits) -> None:
-        from keygate.accounting.shared import ADMITTED, Unavailable
-        from keygate.stages.shared import quota_checks, refusal
-
         counters = self.shared.counters
         st = state_of(flow)
         reserve = self.reservation(name, lim)

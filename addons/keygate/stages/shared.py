@@ -25,7 +25,8 @@ import logging
 
 from mitmproxy import exceptions
 
-from keygate.accounting.shared import MARKER, SharedCounters, check_url
+from keygate.accounting import shared as sc
+from keygate.accounting.shared import MARKER, Check, SharedCounters, check_url
 from keygate.stages.config import Config
 
 log = logging.getLogger("keygate")
@@ -259,8 +260,6 @@ _QUOTA_PLACE = {name: (period, field) for name, period, field, _ in QUOTAS}
 
 def quota_checks(lim) -> list[tuple[str, object]]:
     """[(limit name, Check)] for the quotas `lim` sets, in QUOTAS' order."""
-    from keygate.accounting.shared import Check
-
     out = []
     for name, period, field, reserved in QUOTAS:
         value = getattr(lim, name, None)
@@ -287,8 +286,7 @@ def refusal(verdict, checks: list, lim, now: float,
             currency: str = "") -> tuple[str, str, float | None]:
     """(error code, message, Retry-After seconds or None) for a verdict of ADMIT that
     refused: the Limiter's own answers (docs/limits.md), in its words (limiter.QUOTAS)."""
-    from keygate.accounting import shared as sc
-    from keygate.stages import limiter
+    from keygate.stages import limiter  # (limiter imports this module)
 
     kind = verdict.kind
     if kind == sc.CONCURRENT:
