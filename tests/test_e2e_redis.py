@@ -476,6 +476,9 @@ def test_serve_workers_share_one_port(fake, redis, tmp_path):
             raise
     text = output.all()
     assert proc.returncode == 0, text
+    # The operator is told what SIGTERM does, and when it is done.
+    assert "SIGTERM: stopping the workers" in text
+    assert text.rstrip().endswith("keygate serve: every worker has stopped"), text[-500:]
     # Nothing is left running, and every answer has its line.
     for pid in [int(m) for m in re.findall(r"started \(pid (\d+)\)", text)]:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(

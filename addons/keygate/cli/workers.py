@@ -77,9 +77,12 @@ class Supervisor:
         self.started[i] = time.monotonic()
         note(f"worker {i} started (pid {proc.pid})")
 
-    def _stop(self, *_: Any) -> None:
+    def _stop(self, signum: int | None = None, *_: Any) -> None:
         if not self.stopping:
             self.stopping = True
+            if signum is not None:
+                note(f"{signal.Signals(signum).name}: stopping the workers (each finishes its "
+                     "requests and writes their usage lines)")
             for proc in self.procs.values():
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)
@@ -104,6 +107,7 @@ class Supervisor:
                     note(f"worker {i} still running {STOP_S:g} s after SIGTERM; killed")
                     proc.kill()
                     proc.wait()
+            note("every worker has stopped")
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
