@@ -6,13 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
 from mitmproxy import http
 from mitmproxy.proxy.layers.http import HttpRequestHeadersHook, HttpRequestHook
 from mitmproxy.test import taddons, tflow
 
-from helpers.unit import with_state
+from helpers.unit import make_config, with_state
 from keygate.request import state_of
 from keygate.stages.failclosed import FailClosed, LastStage
+from keygate.stages.limiter import Limiter
 from keygate.stages.pipeline import Pipeline
 
 SECRET = "sk-failclosed-test-0123456789"
@@ -100,3 +102,40 @@ def test_failclosed_stands_in_while_mitmproxy_has_no_pipeline_loaded(caplog):
 
     asyncio.run(main())
     assert "addons are not loaded" in caplog.text
+
+
+@pytest.mark.parametrize("where", ["check", "shared counters"])
+def test_a_limiter_that_fails_while_counting_refuses_rather_than_forwards(where, caplog):
+    """A key with limits: the request is admitted only once it is counted, so an error
+    on the way (in the check, or in the shared counters' answer) leaves it unadmitted,
+    and the last stage refuses it."""
+    config = make_config(keys={"k": {"limits": {"rpm": 5}}})
+
+    class Usage:
+        ledger = None
+
+    class BrokenCounters:
+        async def admit(self, *args):
+            raise RuntimeError("bug in the shared counters")
+
+    class Shared:
+        counters = BrokenCounters()
+        failure = "closed"
+
+    lim = Limiter(config, Usage(), shared=Shared() if where == "shared counters" else None)
+    if where == "check":
+        def bug(*args):
+            raise ZeroDivisionError("bug in the check")
+        lim.check = bug
+    f = chat_flow()
+    with_state(f, seen=True, admitted=True, key="k")
+
+    async def main():
+        with taddons.context() as tctx:
+            tctx.master.addons.add(Pipeline([lim], last=[LastStage()]))
+            await tctx.master.addons.handle_lifecycle(HttpRequestHook(f))
+
+    asyncio.run(main())
+    assert_refused(f, LastStage.message)
+    assert not state_of(f).counted and not lim.counted
+    assert f"bug in the {where}" in caplog.text

@@ -224,21 +224,24 @@ class Limiter:
             self._admit_or_refuse(flow, name, key.limits)
 
     def _admit_or_refuse(self, flow: http.HTTPFlow, name: str, lim: Limits) -> None:
+        st = state_of(flow)
+        # Not admitted until counted: should anything below raise, the pipeline's last
+        # stage (stages/failclosed.py) refuses the request rather than forward it uncounted.
+        st.admitted = False
         verdict = self.check(name, lim, self.clock())
         if verdict is not None:
             code, message, wait = verdict
             # Not forwarded after all: it must not look routed in the log.
-            st = state_of(flow)
-            st.admitted, st.channel, st.upstream_model = False, None, None
+            st.channel, st.upstream_model = None, None
             headers = {"retry_after": retry_after(wait)} if wait is not None else {}
             refuse(flow, code, message, **headers)
             return
         reserve = self.reservation(name, lim)
         self.admit(name, self.clock(), reserve)
-        st = state_of(flow)
         st.counted, st.reserved = True, reserve
         self.counted[flow.id] = flow
         st.ratelimit = self.headers(name, lim)
+        st.admitted = True
 
     def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         # Streamed uploads are admitted at headers time; count them all the same.
@@ -400,6 +403,9 @@ class Limiter:
     async def _shared_admit(self, flow: http.HTTPFlow, name: str, lim: Limits) -> None:
         counters = self.shared.counters
         st = state_of(flow)
+        # Not admitted until Redis has counted it: should anything below raise, the
+        # pipeline's last stage (stages/failclosed.py) refuses the request.
+        st.admitted = False
         reserve = self.reservation(name, lim)
         checks = quota_checks(lim)
         now = self.clock()
@@ -428,7 +434,7 @@ class Limiter:
                 headers = {"retry_after": retry_after(wait)} if wait is not None else {}
                 refuse(flow, code, message, **headers)
             return
-        st.counted, st.reserved = True, reserve
+        st.counted, st.reserved, st.admitted = True, reserve, True
         self.remote.add(flow.id)
         self.counted[flow.id] = flow
         if flow.error or not flow.live:
