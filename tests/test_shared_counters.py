@@ -269,6 +269,29 @@ async def _settle_local(c, rid, tokens):
         await asyncio.wait(list(c._sending))
 
 
+@pytest.mark.parametrize("reply", [
+    b"OK", None, [], [b"x"], [7], [sc.ADMITTED], [sc.USED_UP], [sc.USED_UP, 0],
+    [sc.USED_UP, 3], [sc.HELD, -1], [sc.RPM, b"soon"], {"a": 1},
+])
+def test_an_admission_answered_otherwise_than_admit_answers_is_unavailable(
+        counters, reply, caplog):
+    """A server that runs Lua its own way, or something between keygate and Redis: the
+    request is not admitted on that answer (redis_failure applies), and it is said."""
+    c = counters
+
+    def call(script, tail, nargs):
+        fut = c.loop.create_future()
+        fut.set_result(reply)
+        return fut
+
+    c._call = call
+    checks = [sc.Check(0, "r", 5, False), sc.Check(2, "t", 9, True)]
+    with pytest.raises(sc.Unavailable):
+        admit(c, rid="odd", checks=checks)
+    assert "odd" not in c.leases and c.reachable
+    assert "not what keygate's script answers" in caplog.text
+
+
 def test_unreachable_redis_raises_and_keeps_settlements_until_it_answers(tmp_path):
     r = RedisServer(tmp_path / "r")
     if needs_redis.args[0]:
@@ -284,13 +307,13 @@ def test_unreachable_redis_raises_and_keeps_settlements_until_it_answers(tmp_pat
         r.start()
         r.client().set(sc.MARKER, "1")  # it came back with its data
 
-        async def back():
+        async def back():  # (a settlement sent is out of `pending` before Redis answers)
             for _ in range(100):
-                if c.reachable and not c.pending:
+                if (c.reachable and not c.pending
+                        and r.client().hget("keygate:{k}:all", "t") == "8"):
                     return True
                 await asyncio.sleep(0.05)
         assert loop.run_until_complete(back())
-        assert r.client().hget("keygate:{k}:all", "t") == "8"
     finally:
         loop.run_until_complete(c.close())
         loop.close()

@@ -380,6 +380,7 @@ class SharedCounters:
         # Settlements to send once Redis answers: (call, its nargs, its request's start).
         self.pending: list[tuple[bytes, int, float]] = []
         self._warned = 0.0
+        self._warned_reply = -WARN_EVERY_S  # (the last "unexpected reply" error)
         self.round_trips = 0  # pipelines sent (the bench reports them per request)
         self.down_since: float | None = None
         self._back: bytes | None = None  # BACK, as this process found it set
@@ -666,18 +667,25 @@ class SharedCounters:
         if not self._reachable:
             raise Unavailable("unreachable")
         day, month = periods_of(start)
-        head, after, nargs = self._admit_parts(name, day, month, rpm, tpm, concurrent,
-                                               tuple(checks))
+        checks = tuple(checks)
+        head, after, nargs = self._admit_parts(name, day, month, rpm, tpm, concurrent, checks)
         tail = b"".join((head, _pack((int(self.clock() * 1000), rid, LEASE_MS, reserve)),
                          after))
         reply = await self._call("admit", tail, nargs)
-        kind = int(reply[0])
-        if kind == ADMITTED:
+        try:
+            verdict = _verdict(reply, len(checks))
+        except (TypeError, ValueError, IndexError):
+            # Not ADMIT's answer (a server that runs Lua otherwise, something between):
+            # the request is not admitted on it, redis_failure applies.
+            now = time.monotonic()
+            if now - self._warned_reply >= WARN_EVERY_S:
+                self._warned_reply = now
+                log.error("keygate: Redis answered an admission with %.80r, not what keygate's "
+                          "script answers; limits follow redis_failure for such requests", reply)
+            raise Unavailable("unexpected reply") from None
+        if verdict.kind == ADMITTED:
             self.leases[rid] = name
-            return Verdict(ADMITTED, rpm_used=int(reply[1]), tpm_used=int(reply[2]))
-        if kind in (RPM, TPM):
-            return Verdict(kind, wait=max(0, int(reply[1])) / 1000)
-        return Verdict(kind, check=int(reply[1]) if len(reply) > 1 else 0)
+        return verdict
 
     # ------------------------------------------------------------------ settlement
 
@@ -997,6 +1005,24 @@ def _pack(args) -> bytes:
             b = str(a).encode()
         out.append(b"$%d\r\n%s\r\n" % (len(b), b))
     return b"".join(out)
+
+
+def _verdict(reply, nchecks: int) -> Verdict:
+    """ADMIT's reply as a Verdict; raises ValueError (or TypeError, IndexError) for one
+    the script does not give."""
+    if type(reply) is not list:
+        raise ValueError(reply)
+    kind = int(reply[0])
+    if kind == ADMITTED:
+        return Verdict(ADMITTED, rpm_used=int(reply[1]), tpm_used=int(reply[2]))
+    if kind in (RPM, TPM):
+        return Verdict(kind, wait=max(0, int(reply[1])) / 1000)
+    if kind == CONCURRENT:
+        return Verdict(kind)
+    check = int(reply[1])
+    if kind == USED_UP and 1 <= check <= nchecks or kind == HELD and 0 <= check <= nchecks:
+        return Verdict(kind, check=check)
+    raise ValueError(reply)
 
 
 def _open(conn) -> bool:
