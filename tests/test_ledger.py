@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 ADDONS = Path(__file__).resolve().parents[1] / "addons"
 sys.path.insert(0, str(ADDONS))
 
+from keygate.accounting import ledger as ledger_module  # noqa: E402
 from keygate.accounting.ledger import (  # noqa: E402
     REFUSED,
     SIDECAR_VERSION,
@@ -41,6 +42,17 @@ from keygate.accounting.ledger import (  # noqa: E402
 from keygate.accounting.log import LogFile, Target, UsageWriter, encode, rotated_name  # noqa: E402
 
 BASE = date(2026, 11, 20)
+REAL_LATEST_DAY = ledger_module.latest_day
+
+
+@pytest.fixture(autouse=True, scope="module")
+def any_day_is_past():
+    """The records here are dated from BASE on, some of them after the day the tests run:
+    for these tests no day is too far ahead of the clock (latest_day; its own test below
+    puts it back)."""
+    ledger_module.latest_day = lambda: "9999-12-31"
+    yield
+    ledger_module.latest_day = REAL_LATEST_DAY
 
 
 # --------------------------------------------------------------------------- the reference
@@ -1012,3 +1024,35 @@ def test_bad_money_in_the_sidecar_is_ignored(tmp_path, caplog, money):
         '"days":{"%s":{"alice":[1,1,%s]}},"months":{}},"files":[]}' % (day, day, money))
     assert_money(Ledger.load(p, 3), rs)
     assert "ignoring usage ledger" in caplog.text
+
+
+def test_a_line_dated_days_ahead_of_the_clock_moves_no_window(monkeypatch):
+    """A machine whose clock is wrong writes into a log folder others read: its line dated
+    ten days ahead must not become the newest day and push today out of the window."""
+    monkeypatch.setattr(ledger_module, "latest_day", REAL_LATEST_DAY)
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    ahead = (date.fromisoformat(today) + timedelta(days=10)).isoformat()
+    tomorrow = (date.fromisoformat(today) + timedelta(days=1)).isoformat()
+
+    def line(day, tokens, i):
+        return {"ts": f"{day}T10:00:00.000Z", "id": f"req_{i:020x}", "key": "k",
+                "status": 200, "error": None, "total_tokens": tokens}
+
+    c = Counters()
+    c.add(line(today, 5, 1))
+    c.add(line(ahead, 7, 2))
+    c.add(line(today, 5, 3))
+    c.add(line(tomorrow, 1, 4))  # (a clock a few hours ahead: that day counts)
+    assert c.newest == tomorrow
+    assert c.days[today]["k"][:2] == [2, 10] and ahead not in c.days
+    assert c.totals["k"] == 18  # its tokens still count in the lifetime total
+    # The same in a merge, from a tally saved with such a day (an older version's).
+    saved = Counters()
+    saved.add(line(today, 5, 5))
+    saved.days[ahead] = {"k": [1, 7, ledger_module.ZERO]}
+    saved.newest = ahead
+    whole = Counters()
+    whole.add(line(today, 5, 6))
+    whole.merge(saved)
+    assert whole.newest == today and ahead not in whole.days
+    assert whole.days[today]["k"][:2] == [2, 10]

@@ -150,6 +150,16 @@ def _count(periods: dict[str, dict[str, list]], period: str, key: str, requests:
             c[2] = MONEY.add(c[2], money)
 
 
+AHEAD_DAYS = 1  # a line dated later than this many days ahead of this machine's clock ...
+
+
+def latest_day() -> str:
+    """... moves no day window: it came from a clock that is wrong (another machine's, in a
+    log folder they share), and taken as the newest day it would push today's counters out
+    of the window. Its tokens and money still count in the key's lifetime totals."""
+    return time.strftime("%Y-%m-%d", time.gmtime(time.time() + AHEAD_DAYS * 86400))
+
+
 def month_before(month: str) -> str:
     """"YYYY-MM" of the month before `month` ("YYYY-MM")."""
     y, m = int(month[:4]), int(month[5:7])
@@ -215,6 +225,8 @@ class Counters:
                 return
             self._valid.add(day)
         if day > self.newest:
+            if day > latest_day():
+                return  # (see latest_day)
             self._advance(day)
         elif day < self.horizon:
             # Too late for its day (a long stream logged days after it began): its month.
@@ -254,9 +266,15 @@ class Counters:
         spent = self.spent
         for k, v in other.spent.items():
             spent[k] = MONEY.add(spent.get(k, ZERO), v)
-        if other.newest > self.newest:
-            self._advance(other.newest)
+        latest = latest_day()
+        newest = other.newest
+        if newest > latest:  # (a tally saved by a version that took such days)
+            newest = max((d for d in other.days if d <= latest), default="")
+        if newest > self.newest:
+            self._advance(newest)
         for day, theirs in other.days.items():
+            if day > latest:
+                continue
             if day >= self.horizon:
                 into, period = self.days, day
             elif day[:7] >= self.month_horizon:
@@ -266,7 +284,7 @@ class Counters:
             for k, (r, t, m) in theirs.items():
                 _count(into, period, k, r, t, m)
         for month, theirs in other.months.items():
-            if month >= self.month_horizon:
+            if self.month_horizon <= month <= latest[:7]:
                 for k, (r, t, m) in theirs.items():
                     _count(self.months, month, k, r, t, m)
 
