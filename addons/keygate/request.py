@@ -114,3 +114,44 @@ def state_of(flow: http.HTTPFlow) -> RequestState:
         st = RequestState()
         setattr(flow, ATTRIBUTE, st)
     return st
+
+
+class InFlight(dict):
+    """Flows in flight by flow id (a dict), also indexed by their client connection:
+    `of_client` answers without looking at every flow in flight. A client that leaves asks
+    it (the Recorder, the Limiter); scanning them all instead cost every disconnect time in
+    proportion to the streams held open, 1,000 of them by one client if it likes. Only
+    `self[id] = flow`, `pop` and `del` keep the index: nothing else writes to it."""
+
+    __slots__ = ("_by_client",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._by_client: dict[str, dict[str, http.HTTPFlow]] = {}
+
+    def __setitem__(self, fid: str, flow: http.HTTPFlow) -> None:
+        super().__setitem__(fid, flow)
+        cid = flow.client_conn.id
+        flows = self._by_client.get(cid)
+        if flows is None:
+            flows = self._by_client[cid] = {}
+        flows[fid] = flow
+
+    def pop(self, fid: str, *default):
+        if fid not in self:
+            return super().pop(fid, *default)  # (the default, or KeyError)
+        flow = super().pop(fid)
+        cid = flow.client_conn.id
+        flows = self._by_client.get(cid)
+        if flows is not None:
+            flows.pop(fid, None)
+            if not flows:
+                del self._by_client[cid]
+        return flow
+
+    def __delitem__(self, fid: str) -> None:
+        self.pop(fid)
+
+    def of_client(self, cid: str) -> list[http.HTTPFlow]:
+        flows = self._by_client.get(cid)
+        return list(flows.values()) if flows else []

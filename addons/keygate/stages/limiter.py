@@ -54,7 +54,7 @@ from keygate.accounting.shared import ADMITTED, Unavailable
 from keygate.model.errors import refuse
 from keygate.model.keyring import Limits
 from keygate.model.prices import money_text
-from keygate.request import state_of
+from keygate.request import InFlight, state_of
 from keygate.stages.config import Config
 from keygate.stages.headerfields import set_fields
 from keygate.stages.recorder import Recorder
@@ -193,7 +193,7 @@ class Limiter:
         # tokens per request, and the flows holding reservations or slots (by flow id).
         self.reserved: dict[str, int] = {}
         self.estimates: dict[str, float] = {}
-        self.counted: dict[str, http.HTTPFlow] = {}
+        self.counted = InFlight()  # by flow id, and by client (`of_client`)
 
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if flow.response or flow.error or not flow.live:
@@ -374,7 +374,7 @@ class Limiter:
         # hold its slot and reservation for good: once the hooks still on their way have
         # had a moment, it ends here with what it used.
         if self.counted:
-            flows = [f for f in self.counted.values() if f.client_conn.id == client.id]
+            flows = self.counted.of_client(client.id)
             if flows:
                 asyncio.get_running_loop().call_later(ABANDONED_AFTER, self._abandoned, flows)
 

@@ -31,7 +31,7 @@ from keygate.model import endpoints
 from keygate.model.errors import refuse
 from keygate.model.prices import PriceList
 from keygate.model.settings import instance_name
-from keygate.request import state_of
+from keygate.request import InFlight, state_of
 from keygate.stages.config import Config
 from keygate.stages.headerfields import set_fields
 
@@ -215,7 +215,7 @@ class Recorder:
         self._held: list[dict] | None = []
         self._loading: asyncio.Task | None = None
         self._log_settings: tuple | None = None
-        self._inflight: dict[str, http.HTTPFlow] = {}
+        self._inflight = InFlight()  # by flow id, and by client (`of_client`)
         self.draining = False
         # Called with each finished request's record (and its flow, None for the edge's
         # refusals) before it is written: the metrics and the dashboard's hourly totals.
@@ -333,7 +333,7 @@ class Recorder:
         # handler crashed, e.g. on HTTP/1 request trailers) still gets its line, and must
         # not hold a graceful stop for its full wait. Hooks run as tasks of their own: the
         # ones still on their way get a moment first.
-        flows = [f for f in self._inflight.values() if f.client_conn.id == client.id]
+        flows = self._inflight.of_client(client.id)
         if flows:
             asyncio.get_running_loop().call_later(1.0, self._abandoned, flows)
 
