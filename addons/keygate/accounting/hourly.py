@@ -67,7 +67,7 @@ def percentile(hist: dict[int, int], q: float) -> float | None:
     return None  # (unreachable)
 
 
-def _text(v: Any) -> str | None:
+def group_text(v: Any) -> str | None:
     """A group value as keygate usage shows it (totals._group_value)."""
     if v is None or type(v) is str:
         return v
@@ -117,7 +117,7 @@ class Hourly:
         if hour < self.covers_since:
             return
         names = self._names
-        model = _text(r.get("model"))
+        model = group_text(r.get("model"))
         if model is not None:
             if model in names:
                 model = names[model]
@@ -127,9 +127,9 @@ class Hourly:
                 self.models.add(model)
                 names[model] = model
         status = r.get("status")
-        error = _text(r.get("error"))
-        channel = _text(r.get("channel"))
-        key = _text(r.get("key"))
+        error = group_text(r.get("error"))
+        channel = group_text(r.get("channel"))
+        key = group_text(r.get("key"))
         if len(names) < 100_000:  # (key names: bounded by keys.yaml; the rest by few codes)
             error = names.setdefault(error, error) if error is not None else None
             channel = names.setdefault(channel, channel) if channel is not None else None

@@ -68,7 +68,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
-from keygate.accounting.hourly import MAX_MODELS, OTHER_MODEL, Hourly, bucket_of
+from keygate.accounting.hourly import MAX_MODELS, OTHER_MODEL, Hourly, bucket_of, group_text
 from keygate.accounting.ledger import REFUSED
 from keygate.accounting.totals import record_ts
 from keygate.model.prices import MONEY, money_text, to_decimal
@@ -850,16 +850,16 @@ def hour_item(record: dict, models: set[str], max_models: int | None = None) -> 
         ts = record_ts(record)
         if ts is None:
             return None
-    model = _text(record.get("model"))
+    model = group_text(record.get("model"))
     if model is not None and model not in models:
         if len(models) >= (MAX_MODELS if max_models is None else max_models):
             model = OTHER_MODEL
         else:
             models.add(model)
     status = record.get("status")
-    error = _text(record.get("error"))
-    channel = _text(record.get("channel"))
-    values = (_text(record.get("key")), model, channel,
+    error = group_text(record.get("error"))
+    channel = group_text(record.get("channel"))
+    values = (group_text(record.get("key")), model, channel,
               status if type(status) is int else None, error)
     group = _GROUP_TEXT.get(values)
     if group is None:
@@ -975,13 +975,6 @@ def hourly_from(hours: list[str], replies: list[dict]):
                 hourly.models.add(g[1])
         hourly.newest = max(hourly.newest, hour)
     return hourly
-
-
-def _text(v) -> str | None:
-    """A group value as accounting/hourly.py keeps it (and `keygate usage` shows it)."""
-    if v is None or type(v) is str:
-        return v
-    return json.dumps(v)
 
 
 def _iso(t: float) -> str:
