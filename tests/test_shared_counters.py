@@ -367,3 +367,35 @@ def test_a_rebuild_keeps_what_redis_counted_since_it_came_back(redis_server, tmp
     assert client.exists(sc.MARKER) and not client.exists(sc.BACK)
     # The marker is there now: nothing more to do.
     assert restore(client, tmp_path / "usage.jsonl", only_if_missing=True, catch_up=0) is None
+
+
+def test_a_flush_right_after_start_up_is_noticed(redis_server, tmp_path):
+    """A keygate that has just rebuilt (or found) Redis' counters at start-up notices a
+    flush at its next look, though no look had seen the marker yet."""
+    from helpers.unit import make_config
+    from keygate.stages.shared import Shared
+
+    client = redis_server.client()
+    client.flushall()
+    (tmp_path / "usage.jsonl").write_text(json.dumps(
+        {"ts": "2026-09-21T10:00:00.000Z", "id": "r1", "key": "k", "error": None,
+         "total_tokens": 8}) + "\n")
+    config = make_config(f'[gateway]\nredis_url = "{redis_server.url}"\n'
+                         f'usage_log = "{tmp_path / "usage.jsonl"}"\n')
+    shared = Shared(config)
+
+    async def main():
+        shared._url = redis_server.url
+        shared.counters = sc.SharedCounters(redis_server.url)
+        try:
+            await shared._restore(redis_server.url, tmp_path / "usage.jsonl")  # start-up
+            assert client.exists(sc.MARKER)
+            client.flushall()  # before the first look
+            await shared._look_for_marker(shared.counters)
+            assert shared._restoring is not None
+            await shared._restoring
+        finally:
+            await shared.counters.close()
+
+    asyncio.run(main())
+    assert client.exists(sc.MARKER) and client.hget("keygate:{k}:all", "t") == "8"

@@ -139,6 +139,10 @@ class Shared:
             log.warning("keygate: could not check or rebuild Redis' counters from the usage "
                         "logs: %s", type(e).__name__)
             return
+        # The marker is there now (found, set by this rebuild, or about to be by the
+        # process at it): a flush from here on is noticed at the next look, also one in
+        # the first second after start-up, before any look had seen the marker.
+        self._marker_seen = True
         if n:
             log.warning("keygate: Redis had no keygate counters: day, month and lifetime "
                         "counters of %d keys rebuilt from the usage logs", n)
