@@ -196,9 +196,9 @@ def test_the_cache_is_used_and_read_only_where_it_ends(tmp_path, monkeypatch):
     c.survey().close()
     assert c.save()
     scanned = []
-    real = hourcache._scan
-    monkeypatch.setattr(hourcache, "_scan", lambda data, base, fold: scanned.append(
-        len(data)) or real(data, base, fold))
+    real = hourcache.scan_lines
+    monkeypatch.setattr(hourcache, "scan_lines", lambda data, fold, base: scanned.append(
+        len(data)) or real(data, fold, base))
     assert _by_key(log) == want and scanned == []
     with open(log, "ab") as f:
         f.write(encode({"ts": _ts(10**6), "id": "c", "key": "bob", "total_tokens": 2}))

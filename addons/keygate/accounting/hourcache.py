@@ -49,10 +49,7 @@ import orjson
 from keygate.accounting import ledger as _ledger
 from keygate.accounting.hourly import Hourly, bucket_of
 from keygate.accounting.log import (
-    _FOLD_DIGITS,
     READ_CHUNK,
-    _next_long,
-    exact_cost,
     log_family,
     log_files,
     parse_line,
@@ -240,40 +237,6 @@ def _folder(hours: dict, watch: Any, seen: set) -> Callable[[dict, int, int], No
                 seen.add(rid)
 
     return fold
-
-
-def _scan(data: bytes, base: int, fold: Callable[[dict, int, int], None]) -> int:
-    """log.scan_lines, giving each record's byte range in its file (`data` starts at
-    `base`) to `fold`. The same records, the same count of garbage lines."""
-    lines = data.split(b"\n")
-    if not lines[-1]:
-        lines.pop()
-    folded = data.translate(_FOLD_DIGITS)
-    long_at = _next_long(folded, 0)
-    loads = orjson.loads
-    bad = start = 0
-    for line in lines:
-        end = start + len(line)
-        obj = None
-        if long_at >= end:
-            try:
-                obj = loads(line)
-            except orjson.JSONDecodeError:
-                pass
-        else:
-            long_at = _next_long(folded, end)
-        at = start
-        start = end + 1
-        if type(obj) is not dict:
-            obj = parse_line(line)
-            if obj is None:
-                if line.strip():
-                    bad += 1
-                continue
-        elif type(obj.get("cost")) is float:
-            obj["cost"] = exact_cost(line, obj["cost"])
-        fold(obj, base + at, base + start)
-    return bad
 
 
 def _read(f: BinaryIO, start: int, stop: int | None,
@@ -552,7 +515,7 @@ def _view(path: Path, f: BinaryIO, known: dict[str, Part], watch: Any, seen: set
     if part is None:
         part = Part(head)
     fold = _folder(part.hours, watch, seen)
-    end, bad, rest = _read(f, part.offset, None, lambda data, pos: _scan(data, pos, fold))
+    end, bad, rest = _read(f, part.offset, None, lambda data, pos: scan_lines(data, fold, pos))
     if end != part.offset:
         part.offset, part.bad, part.text = end, part.bad + bad, None
         part.tail = _ledger._tail(f, end)

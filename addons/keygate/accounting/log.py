@@ -219,10 +219,11 @@ _FOLD_DIGITS = bytes.maketrans(b"123456789", b"000000000")
 _LONG_NUMBER = b"0" * 19
 
 
-def scan_lines(data: bytes, sink: Callable[[dict], Any]) -> int:
+def scan_lines(data: bytes, sink: Callable[..., Any], base: int | None = None) -> int:
     """Feed every line of `data` (complete lines, "\\n"-separated) that holds a JSON
     object to `sink`, in order; return how many non-blank lines did not. Same result as
-    `parse_line` on each line, faster."""
+    `parse_line` on each line, faster. With `base` (where `data` starts in its file), each
+    record goes with the byte range of its line in the file: sink(record, start, end)."""
     lines = data.split(b"\n")
     if not lines[-1]:
         lines.pop()  # (after the last "\n")
@@ -240,6 +241,7 @@ def scan_lines(data: bytes, sink: Callable[[dict], Any]) -> int:
                 pass
         else:
             long_at = _next_long(folded, end)
+        at = start
         start = end + 1
         if type(obj) is not dict:
             # Refused, not an object, or a long number: the json module decides.
@@ -250,7 +252,10 @@ def scan_lines(data: bytes, sink: Callable[[dict], Any]) -> int:
                 continue
         elif type(obj.get("cost")) is float:
             obj["cost"] = exact_cost(line, obj["cost"])
-        sink(obj)
+        if base is None:
+            sink(obj)
+        else:
+            sink(obj, base + at, base + start)
     return bad
 
 
