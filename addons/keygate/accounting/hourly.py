@@ -116,25 +116,12 @@ class Hourly:
     def _add(self, r: dict, hour: str) -> None:
         if hour < self.covers_since:
             return
-        names = self._names
-        model = group_text(r.get("model"))
-        if model is not None:
-            if model in names:
-                model = names[model]
-            elif len(self.models) >= self.max_models:
-                model = OTHER_MODEL
-            else:
-                self.models.add(model)
-                names[model] = model
         status = r.get("status")
-        error = group_text(r.get("error"))
-        channel = group_text(r.get("channel"))
-        key = group_text(r.get("key"))
-        if len(names) < 100_000:  # (key names: bounded by keys.yaml; the rest by few codes)
-            error = names.setdefault(error, error) if error is not None else None
-            channel = names.setdefault(channel, channel) if channel is not None else None
-            key = names.setdefault(key, key) if key is not None else None
-        group = (key, model, channel, status if type(status) is int else None, error)
+        group = self._group(group_text(r.get("key")), group_text(r.get("model")),
+                            group_text(r.get("channel")),
+                            status if type(status) is int else None,
+                            group_text(r.get("error")))
+        channel, error = group[2], group[4]
         per_hour = self.hours.get(hour)
         if per_hour is None:
             per_hour = self.hours[hour] = {}
@@ -166,6 +153,24 @@ class Hourly:
                 b = bucket_of(ms)
                 h[b] = h.get(b, 0) + 1
 
+    def _group(self, key, model, channel, status, error) -> tuple:
+        """A record's group: model names past max_models distinct ones are OTHER_MODEL,
+        and each string is the one object kept for it."""
+        names = self._names
+        if model is not None:
+            if model in names:
+                model = names[model]
+            elif len(self.models) >= self.max_models:
+                model = OTHER_MODEL
+            else:
+                self.models.add(model)
+                names[model] = model
+        if len(names) < 100_000:  # (key names: bounded by keys.yaml; the rest by few codes)
+            error = names.setdefault(error, error) if error is not None else None
+            channel = names.setdefault(channel, channel) if channel is not None else None
+            key = names.setdefault(key, key) if key is not None else None
+        return (key, model, channel, status, error)
+
     def add_hour(self, hour: str, groups: Iterable[tuple[tuple, list]],
                  latency: Iterable[tuple[str | None, dict[int, int]]] = ()) -> None:
         """One hour's totals at once, as `add` of each of their records would add them:
@@ -175,21 +180,8 @@ class Hourly:
         with self._lock:
             if hour < self.covers_since:
                 return
-            names = self._names
-            for (key, model, channel, status, error), n in groups:
-                if model is not None:
-                    if model in names:
-                        model = names[model]
-                    elif len(self.models) >= self.max_models:
-                        model = OTHER_MODEL
-                    else:
-                        self.models.add(model)
-                        names[model] = model
-                if len(names) < 100_000:
-                    error = names.setdefault(error, error) if error is not None else None
-                    channel = names.setdefault(channel, channel) if channel is not None else None
-                    key = names.setdefault(key, key) if key is not None else None
-                group = (key, model, channel, status, error)
+            for values, n in groups:
+                group = self._group(*values)
                 per_hour = self.hours.get(hour)
                 if per_hour is None:
                     per_hour = self.hours[hour] = {}
@@ -212,6 +204,7 @@ class Hourly:
                     c[4] = n[4] if c[4] is None else MONEY.add(c[4], n[4])
             if hour < self.covers_since:
                 return
+            names = self._names
             for channel, hist in latency:
                 channel = names.get(channel, channel) if channel is not None else None
                 h = self.latency.get((hour, channel))
