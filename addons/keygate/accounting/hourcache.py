@@ -35,7 +35,6 @@ and read through those open files afterwards.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import os
 import threading
@@ -55,7 +54,7 @@ from keygate.accounting.log import (
     parse_line,
     scan_lines,
 )
-from keygate.accounting.totals import Row, Summer, record_ts
+from keygate.accounting.totals import Row, Summer, group_text, record_ts
 from keygate.files import write_atomic
 from keygate.model.prices import MONEY, to_decimal
 
@@ -75,11 +74,6 @@ FIRST, END, LO, HI, GROUPS, LATENCY = range(6)
 
 def sidecar_path(log_path: Path) -> Path:
     return log_path.with_name(log_path.name + ".hours")
-
-
-def _text(v: Any) -> str | None:
-    """A group value as `keygate usage` and the hourly totals show it."""
-    return v if v is None or type(v) is str else json.dumps(v)
 
 
 @dataclass
@@ -196,13 +190,13 @@ def _folder(hours: dict, watch: Any, seen: set) -> Callable[[dict, int, int], No
         key, model, channel, error = r.get("key"), r.get("model"), r.get("channel"), r.get(
             "error")
         if key is not None and type(key) is not str:
-            key = _text(key)
+            key = group_text(key)
         if model is not None and type(model) is not str:
-            model = _text(model)
+            model = group_text(model)
         if channel is not None and type(channel) is not str:
-            channel = _text(channel)
+            channel = group_text(channel)
         if error is not None and type(error) is not str:
-            error = _text(error)
+            error = group_text(error)
         status = r.get("status")
         g = (key, model, channel, status if type(status) is int else None, error)
         groups = b[GROUPS]

@@ -26,7 +26,7 @@ from decimal import Decimal
 from typing import Any, Iterable
 
 from keygate.accounting.ledger import REFUSED
-from keygate.accounting.totals import COUNTERS, GROUPS, Row, Totals, record_ts
+from keygate.accounting.totals import COUNTERS, GROUPS, Row, Totals, group_text, record_ts
 from keygate.model.prices import MONEY, to_decimal
 
 OTHER_MODEL = "(other)"
@@ -65,15 +65,6 @@ def percentile(hist: dict[int, int], q: float) -> float | None:
         if seen >= rank:
             return round(bucket_value(i), 3)
     return None  # (unreachable)
-
-
-def group_text(v: Any) -> str | None:
-    """A group value as keygate usage shows it (totals._group_value)."""
-    if v is None or type(v) is str:
-        return v
-    import json
-
-    return json.dumps(v)
 
 
 class Hourly:

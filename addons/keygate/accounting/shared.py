@@ -68,9 +68,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
-from keygate.accounting.hourly import MAX_MODELS, OTHER_MODEL, Hourly, bucket_of, group_text
+from keygate.accounting.hourly import MAX_MODELS, OTHER_MODEL, Hourly, bucket_of
 from keygate.accounting.ledger import REFUSED
-from keygate.accounting.totals import record_ts
+from keygate.accounting.totals import group_text, record_ts
 from keygate.model.prices import MONEY, money_text, to_decimal
 
 log = logging.getLogger("keygate")

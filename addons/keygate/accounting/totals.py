@@ -111,13 +111,18 @@ def _int(v: Any) -> int:
     return v if type(v) is int else 0
 
 
+def group_text(v: Any) -> str | None:
+    """A group value (key, model, channel, status, error) as `keygate usage`, the hourly
+    totals and the usage page show it: a string as it is, anything else as its JSON."""
+    return v if v is None or type(v) is str else json.dumps(v)
+
+
 def _group_value(record: dict, name: str, ts: str | None) -> str | None:
     if name == "day":
         return ts[:10] if ts else None
     if name == "month":
         return ts[:7] if ts else None
-    v = record.get(name)
-    return v if v is None or type(v) is str else json.dumps(v)
+    return group_text(record.get(name))
 
 
 class Summer:
