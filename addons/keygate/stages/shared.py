@@ -27,6 +27,7 @@ from mitmproxy import exceptions
 
 from keygate.accounting import shared as sc
 from keygate.accounting.shared import MARKER, Check, SharedCounters, check_url
+from keygate.model.prices import money_text
 from keygate.stages.config import Config
 
 log = logging.getLogger("keygate")
@@ -247,7 +248,7 @@ async def shared_hourly(shared: Shared | None, local, start: dt.datetime, end: d
 
 # The quotas ADMIT checks, in the Limiter's order (docs/limits.md#quotas): (limit, period:
 # 0 day, 1 month, 2 lifetime; field; whether reservations in flight count against it).
-# A limit a Limits has no attribute for is skipped.
+# A limit a Limits has no attribute for is skipped. Each is one of limiter.QUOTAS.
 QUOTAS = (
     ("requests_per_day", 0, "r", False),
     ("tokens_per_day", 0, "t", True),
@@ -258,7 +259,6 @@ QUOTAS = (
     ("budget_per_month", 1, "c", False),
     ("budget_total", 2, "c", False),
 )
-_PERIOD_WORDS = ("per UTC day", "per UTC month", "in total")
 _QUOTA_PLACE = {name: (period, field) for name, period, field, _ in QUOTAS}
 
 
@@ -271,19 +271,6 @@ def quota_checks(lim) -> list[tuple[str, object]]:
             limit = str(value) if field == "c" else value
             out.append((name, Check(period, field, limit, reserved)))
     return out
-
-
-def seconds_to_utc_midnight(now: float) -> float:
-    t = dt.datetime.fromtimestamp(now, dt.timezone.utc)
-    midnight = (t + dt.timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
-    return (midnight - t).total_seconds()
-
-
-def seconds_to_next_month(now: float) -> float:
-    t = dt.datetime.fromtimestamp(now, dt.timezone.utc)
-    first = (t.replace(day=1) + dt.timedelta(days=32)).replace(
-        day=1, hour=0, minute=0, second=0, microsecond=0)
-    return (first - t).total_seconds()
 
 
 def refusal(verdict, checks: list, lim, now: float,
@@ -302,38 +289,23 @@ def refusal(verdict, checks: list, lim, now: float,
     if kind == sc.TPM:
         return ("rate_limit_exceeded", f"Rate limit reached: {lim.tpm} tokens per minute.",
                 verdict.wait)
-    quotas = getattr(limiter, "QUOTAS", {})
-    if kind == sc.HELD:
+    quotas = limiter.QUOTAS
+    if kind == sc.HELD:  # (only a token quota, whose reservations count, holds)
         if verdict.check == 0:
             held = f"{lim.tpm} tokens per minute"
         else:
             name, check = checks[verdict.check - 1]
-            q = quotas.get(name)
-            held = (q.held.format(limit=check.limit) if q is not None and q.held else
-                    f"{check.limit} {'tokens ' if check.period == 2 else ''}"
-                    f"{_PERIOD_WORDS[check.period]}")
+            held = quotas[name].held.format(limit=check.limit)
         return ("rate_limit_exceeded",
                 f"Token quota nearly used up ({held}) by this key's requests in flight: "
                 "retry when they have finished.", 1.0)
     name, check = checks[verdict.check - 1]
-    wait = (seconds_to_utc_midnight(now) if check.period == 0 else
-            seconds_to_next_month(now) if check.period == 1 else None)
-    q = quotas.get(name)
-    if q is not None:
-        limit = getattr(lim, name, None)
-        if limit is None:
-            limit = check.limit
-        elif check.field == "c":
-            try:
-                from keygate.model.prices import money_text
-
-                limit = money_text(limit)
-            except ImportError:
-                pass
-        return ("insufficient_quota", q.message.format(limit=limit, currency=currency), wait)
-    what = {"r": "request", "t": "token", "c": "budget"}[check.field]
-    if check.period == 2:
-        return ("insufficient_quota", f"Token quota used up ({check.limit} tokens in total)."
-                if check.field == "t" else f"Budget used up ({check.limit} in total).", None)
-    return ("insufficient_quota", f"{'Daily' if check.period == 0 else 'Monthly'} {what} "
-            f"quota used up ({check.limit} {_PERIOD_WORDS[check.period]}).", wait)
+    wait = (limiter.seconds_to_utc_midnight(now) if check.period == 0 else
+            limiter.seconds_to_next_utc_month(now) if check.period == 1 else None)
+    limit = getattr(lim, name, None)
+    if limit is None:
+        limit = check.limit
+    elif check.field == "c":
+        limit = money_text(limit)
+    return ("insufficient_quota", quotas[name].message.format(limit=limit, currency=currency),
+            wait)
