@@ -16,6 +16,7 @@ Rate windows (rpm, tpm) and requests in flight are not in the logs: they start a
 
 from __future__ import annotations
 
+import secrets
 import time
 from pathlib import Path
 
@@ -226,9 +227,12 @@ def restore(client, usage_log: Path, only_if_missing: bool,
     if client.exists(MARKER):
         return None
     client.set(BACK, int(time.time() * 1000), nx=True, px=BACK_MS)
-    if not client.set(LOCK, "1", nx=True, px=LOCK_MS):
+    token = secrets.token_hex(16)
+    if not client.set(LOCK, token, nx=True, px=LOCK_MS):
         return None  # another keygate process is at it
     try:
+        if client.exists(MARKER):
+            return None  # another one finished between the look above and the lock
         back = client.get(BACK)
         since = iso(int(back)) if back else iso(int(time.time() * 1000))
         hours_first = hours_from_logs(usage_log, before=since)
@@ -241,5 +245,12 @@ def restore(client, usage_log: Path, only_if_missing: bool,
             second = _before(usage_log, since)
             _write(client, second, add=True, minus=first)
     finally:
-        client.delete(LOCK)
+        # (Only this process's lock: one that outlived LOCK_MS may be another's by now.)
+        client.eval(_UNLOCK, 1, LOCK, token)
     return len({name for name, _ in first})
+
+
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
