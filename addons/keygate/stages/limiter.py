@@ -172,6 +172,19 @@ def utc_day(now: float) -> str:
     return _day_name(int(now // 86400))
 
 
+def ratelimit_headers(lim: Limits, requests_used: int, tokens_used: int) -> dict[str, str]:
+    """OpenAI-style x-ratelimit-* headers for the rpm and tpm a key has, given what its
+    windows hold."""
+    out = {}
+    if lim.rpm is not None:
+        out["x-ratelimit-limit-requests"] = str(lim.rpm)
+        out["x-ratelimit-remaining-requests"] = str(max(0, lim.rpm - requests_used))
+    if lim.tpm is not None:
+        out["x-ratelimit-limit-tokens"] = str(lim.tpm)
+        out["x-ratelimit-remaining-tokens"] = str(max(0, lim.tpm - tokens_used))
+    return out
+
+
 def retry_after(seconds: float) -> str:
     return str(max(1, math.ceil(seconds)))
 
@@ -347,16 +360,9 @@ class Limiter:
 
     def headers(self, name: str, lim: Limits) -> dict[str, str]:
         """OpenAI-style x-ratelimit-* headers, for the limits this key has."""
-        out = {}
-        if lim.rpm is not None:
-            used = self.requests[name].total if name in self.requests else 0
-            out["x-ratelimit-limit-requests"] = str(lim.rpm)
-            out["x-ratelimit-remaining-requests"] = str(max(0, lim.rpm - used))
-        if lim.tpm is not None:
-            used = self.tokens[name].total if name in self.tokens else 0
-            out["x-ratelimit-limit-tokens"] = str(lim.tpm)
-            out["x-ratelimit-remaining-tokens"] = str(max(0, lim.tpm - used))
-        return out
+        return ratelimit_headers(
+            lim, self.requests[name].total if name in self.requests else 0,
+            self.tokens[name].total if name in self.tokens else 0)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         hdrs = state_of(flow).ratelimit
@@ -440,14 +446,7 @@ class Limiter:
         if flow.error or not flow.live:
             self._end(flow)  # the client left while Redis answered: released at once
             return
-        hdrs = {}
-        if lim.rpm is not None:
-            hdrs["x-ratelimit-limit-requests"] = str(lim.rpm)
-            hdrs["x-ratelimit-remaining-requests"] = str(max(0, lim.rpm - verdict.rpm_used))
-        if lim.tpm is not None:
-            hdrs["x-ratelimit-limit-tokens"] = str(lim.tpm)
-            hdrs["x-ratelimit-remaining-tokens"] = str(max(0, lim.tpm - verdict.tpm_used))
-        st.ratelimit = hdrs
+        st.ratelimit = ratelimit_headers(lim, verdict.rpm_used, verdict.tpm_used)
 
     def _shared_settle(self, flow: http.HTTPFlow, reserved: int, local: bool = False) -> None:
         st = state_of(flow)
