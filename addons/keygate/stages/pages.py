@@ -171,7 +171,7 @@ class Pages:
         elif kind == "me":
             self._me(flow)
         elif kind == "billing":
-            self._billing(flow, ep.path.endswith("/usage"))
+            return self._billing(flow, ep.path.endswith("/usage"))
         return None
 
     def _health(self, flow: http.HTTPFlow, ready: bool) -> None:
@@ -315,7 +315,7 @@ class Pages:
         prices = getattr(self.config.state.settings, "prices", None)
         return bool(getattr(prices, "entries", ()))
 
-    def _billing(self, flow: http.HTTPFlow, usage: bool) -> None:
+    def _billing(self, flow: http.HTTPFlow, usage: bool) -> Awaitable[None] | None:
         """OpenAI's legacy billing endpoints, which chat front-ends read to show a balance.
         Amounts are money in [gateway] currency where the key's use is priced
         (`_money`), else tokens (docs/endpoints.md#billing)."""
@@ -368,8 +368,16 @@ class Pages:
             refuse(flow, "invalid_request",
                    f"Usage can be asked for at most {BILLING_MAX_DAYS} days at a time.")
             return
-        days = self.hourly.key_totals(key.name, start.isoformat() + "T00",
-                                      end.isoformat() + "T00")
+        return self._billing_usage(flow, key.name, money, start, end)
+
+    async def _billing_usage(self, flow: http.HTTPFlow, name: str, money: bool,
+                             start: dt.date, end: dt.date) -> None:
+        # Any key may ask, up to BILLING_MAX_DAYS: looking through every group of those
+        # hours is done in a thread (as for /keygate/usage), not in the proxy's loop.
+        days = await asyncio.to_thread(self.hourly.key_totals, name, start.isoformat() + "T00",
+                                       end.isoformat() + "T00")
+        if flow.response or flow.error or not flow.live:
+            return
         daily = []
         grand = Decimal(0)
         for day in sorted(days):
