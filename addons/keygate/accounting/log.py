@@ -37,7 +37,7 @@ from typing import Any, BinaryIO, Callable
 
 import orjson
 
-from keygate.model.prices import money_text
+from keygate.model.prices import json_with_money, money_text
 
 log = logging.getLogger("keygate")
 
@@ -129,21 +129,6 @@ def _default(value: Any) -> Any:
     return str(value)
 
 
-def _dumps_exact(record: dict) -> str:
-    """json.dumps of a record, its Decimals as numbers with their exact digits (the json
-    module writes a Decimal only as text: each is written as a placeholder no string in
-    the record holds, then the placeholder's quoted form is replaced by the digits)."""
-    numbers = {k: v for k, v in record.items() if type(v) is Decimal and v.is_finite()}
-    if not numbers:
-        return json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str)
-    mark = "\x00" + os.urandom(8).hex()
-    text = json.dumps({k: f"{mark}{k}" if k in numbers else v for k, v in record.items()},
-                      separators=(",", ":"), ensure_ascii=False, default=str)
-    for k, v in numbers.items():
-        text = text.replace(json.dumps(f"{mark}{k}", ensure_ascii=False), money_text(v), 1)
-    return text
-
-
 def encode(record: dict) -> bytes:
     """One log line. Never fails on an odd value: a Decimal is written as a number with
     its exact digits, anything else orjson does not know as text (a Path, an object);
@@ -152,7 +137,8 @@ def encode(record: dict) -> bytes:
     try:
         line = orjson.dumps(record, default=_default, option=orjson.OPT_APPEND_NEWLINE)
     except TypeError:  # (orjson.JSONEncodeError is one)
-        text = _dumps_exact(record)
+        text = json_with_money(record, separators=(",", ":"), ensure_ascii=False,
+                               default=str)
         line = text.encode("utf-8", "backslashreplace") + b"\n"
     if line.isascii() and b"\x7f" not in line:  # (DEL is ASCII, and unsafe)
         return line

@@ -272,15 +272,15 @@ def json_with_money(obj: Any, **kw: Any) -> str:
     and the placeholder's quoted form is then replaced by the digits."""
     import json
     import os
+    import re
 
     mark = "\x00" + os.urandom(8).hex() + ":"
-    digits: dict[str, str] = {}
+    digits: list[str] = []
 
     def swap(v: Any) -> Any:
         if isinstance(v, Decimal) and v.is_finite():
-            placeholder = f"{mark}{len(digits)}"
-            digits[placeholder] = money_text(v)
-            return placeholder
+            digits.append(money_text(v))
+            return f"{mark}{len(digits) - 1}"
         if isinstance(v, dict):
             return {k: swap(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
@@ -288,7 +288,9 @@ def json_with_money(obj: Any, **kw: Any) -> str:
         return v
 
     text = json.dumps(swap(obj), **kw)
-    ascii_only = kw.get("ensure_ascii", True)
-    for placeholder, number in digits.items():
-        text = text.replace(json.dumps(placeholder, ensure_ascii=ascii_only), number, 1)
-    return text
+    if not digits:
+        return text
+    # Every placeholder in one pass (one str.replace each rescanned the whole text: 45 s
+    # for 50,000 rows).
+    quoted = json.dumps(mark, ensure_ascii=kw.get("ensure_ascii", True))[:-1]
+    return re.sub(re.escape(quoted) + r'(\d+)"', lambda m: digits[int(m[1])], text)
