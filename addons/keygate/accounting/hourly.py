@@ -113,18 +113,9 @@ class Hourly:
                             status if type(status) is int else None,
                             group_text(r.get("error")))
         channel, error = group[2], group[4]
-        per_hour = self.hours.get(hour)
-        if per_hour is None:
-            per_hour = self.hours[hour] = {}
-            if hour > self.newest:
-                self.newest = hour
-                self._expire()
-        c = per_hour.get(group)
+        c = self._counter(hour, group)
         if c is None:
-            c = per_hour[group] = [0, 0, 0, 0, None]
-            self.groups += 1
-            if self.groups > self.max_groups:
-                self._shrink()
+            return
         c[0] += 1
         p, q, t = r.get("prompt_tokens"), r.get("completion_tokens"), r.get("total_tokens")
         c[1] += p if type(p) is int else 0
@@ -162,6 +153,25 @@ class Hourly:
             key = names.setdefault(key, key) if key is not None else None
         return (key, model, channel, status, error)
 
+    def _counter(self, hour: str, group: tuple) -> list | None:
+        """The counters of `group` in `hour`, made if new (the hour too); None if the hour
+        is no longer kept (dropped to stay within the bounds)."""
+        per_hour = self.hours.get(hour)
+        if per_hour is None:
+            per_hour = self.hours[hour] = {}
+            if hour > self.newest:
+                self.newest = hour
+                self._expire()
+                if hour < self.covers_since:
+                    return None
+        c = per_hour.get(group)
+        if c is None:
+            c = per_hour[group] = [0, 0, 0, 0, None]
+            self.groups += 1
+            if self.groups > self.max_groups:
+                self._shrink()
+        return c
+
     def add_hour(self, hour: str, groups: Iterable[tuple[tuple, list]],
                  latency: Iterable[tuple[str | None, dict[int, int]]] = ()) -> None:
         """One hour's totals at once, as `add` of each of their records would add them:
@@ -172,21 +182,9 @@ class Hourly:
             if hour < self.covers_since:
                 return
             for values, n in groups:
-                group = self._group(*values)
-                per_hour = self.hours.get(hour)
-                if per_hour is None:
-                    per_hour = self.hours[hour] = {}
-                    if hour > self.newest:
-                        self.newest = hour
-                        self._expire()
-                        if hour < self.covers_since:
-                            return
-                c = per_hour.get(group)
+                c = self._counter(hour, self._group(*values))
                 if c is None:
-                    c = per_hour[group] = [0, 0, 0, 0, None]
-                    self.groups += 1
-                    if self.groups > self.max_groups:
-                        self._shrink()
+                    return
                 c[0] += n[0]
                 c[1] += n[1]
                 c[2] += n[2]
