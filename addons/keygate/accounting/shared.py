@@ -733,23 +733,25 @@ class SharedCounters:
                       "usage log keeps them: keygate usage --restore-counters)", PENDING_LIMIT)
 
     async def _send_pending(self) -> None:
+        # A chunk stays in its list until Redis has answered for it: `pending` and
+        # `pending_hours` are what Redis does not have yet (later ones are appended).
         while self.pending_hours and self._reachable:
-            chunk, self.pending_hours = self.pending_hours[:5000], self.pending_hours[5000:]
+            chunk = self.pending_hours[:5000]
             calls = list(hour_calls(chunk))
             futs = [self._call("hourly", tail, nargs) for tail, nargs, _ in calls]
             results = await asyncio.gather(*futs, return_exceptions=True)
             failed = [i for (*_, kept), r in zip(calls, results)
                       if isinstance(r, BaseException) for i in kept]
+            self.pending_hours = failed + self.pending_hours[len(chunk):]
             if failed:
-                self.pending_hours = failed + self.pending_hours
                 return
         while self.pending and self._reachable:
-            chunk, self.pending = self.pending[:1000], self.pending[1000:]
+            chunk = self.pending[:1000]
             futs = [self._call("settle", *call[:2]) for call in chunk]
             results = await asyncio.gather(*futs, return_exceptions=True)
             failed = [c for c, r in zip(chunk, results) if isinstance(r, BaseException)]
+            self.pending = failed + self.pending[len(chunk):]
             if failed:
-                self.pending = failed + self.pending
                 return
             if not self.pending:
                 log.info("keygate: settlements held while Redis was unreachable are sent")
